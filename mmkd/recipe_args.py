@@ -5,6 +5,7 @@ The recipes in ``recipes/`` stay flat scripts; this module keeps the parts they 
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,3 +124,19 @@ def load_train_dataset(data_args: DataArguments):
             range(min(data_args.max_train_samples, len(ds)))
         )
     return ds
+
+
+def write_training_config(args, *others) -> Path:
+    """Write every option of a run (the TrainingArguments subclass plus the other argument dataclasses) to
+    ``<output_dir>/training_config.json``: what the model card and a later re-run read. Secrets (hub tokens) are
+    dropped."""
+    from dataclasses import asdict
+
+    config = json.loads(args.to_json_string())
+    for other in others:
+        config.update(asdict(other))
+    for key in [k for k in config if k.endswith("_token")]:
+        config.pop(key)
+    path = Path(args.output_dir, "training_config.json")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return path

@@ -30,10 +30,11 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from mmkd import recipe_args
+from mmkd.cards import hardware_description
 from mmkd.data import CLIPDistillationCollator
 from mmkd.data.cache import cache_teacher_embeddings
 from mmkd.distributed import shutdown
-from mmkd.recipe_args import DataArguments, load_train_dataset
+from mmkd.recipe_args import DataArguments, load_train_dataset, write_training_config
 from mmkd.students import build_student, count_parameters
 from mmkd.teachers import load_teacher
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
+    trainer.save_state()  # trainer_state.json: the logged losses, for plots and the model card
 
     # 6. Summary ----------------------------------------------------------------------------------------------------
     summary = {
@@ -118,10 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "wall_time_s": round(time.time() - start, 1),
+        "hardware": hardware_description(),
         "data": asdict(data_args),
     }
     if trainer.is_world_process_zero():
         Path(args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2))
+        write_training_config(args, data_args)
         print(
             f"student saved to {args.output_dir}: {student_params['total']:,} parameters "
             f"({student_params['total'] / teacher_params['total']:.0%} of the teacher's {teacher_params['total']:,}), "

@@ -23,9 +23,10 @@ from pathlib import Path
 from transformers import set_seed
 
 from mmkd import recipe_args
+from mmkd.cards import hardware_description
 from mmkd.data import CLIPDistillationCollator
 from mmkd.distributed import shutdown
-from mmkd.recipe_args import DataArguments, load_train_dataset
+from mmkd.recipe_args import DataArguments, load_train_dataset, write_training_config
 from mmkd.students import count_parameters
 from mmkd.teachers import load_teacher
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
+    trainer.save_state()  # trainer_state.json: the logged losses
     summary = {
         "architecture": arch.architecture,
         "parameters": count_parameters(model),
@@ -77,10 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "wall_time_s": round(time.time() - start, 1),
+        "hardware": hardware_description(),
         "data": {k: v for k, v in vars(data_args).items()},
     }
     if trainer.is_world_process_zero():
         Path(args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2))
+        write_training_config(args, data_args, arch)
         print(f"teacher saved to {args.output_dir}: {summary['parameters']['total']:,} parameters, "
               f"{summary['global_step']} steps in {summary['wall_time_s']} s")
     return summary
