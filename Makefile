@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmkd-installed
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo smoke test test-slow lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 	fi
 	touch $(STAMP)
 
+# The offline main job: teacher from scratch, distilled student, from-scratch baseline, evaluation, results table.
 demo: $(STAMP)
+	$(VENV)/bin/accelerate launch --num_processes 1 recipes/offline_job.py \
+		--config recipes/configs/offline_job.yaml
+
+smoke: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 recipes/clip_student.py \
 		--config recipes/configs/smoke.yaml --output_dir out/smoke
 

@@ -15,7 +15,6 @@ processor. When a batch carries cached teacher embeddings the teacher is not run
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +31,7 @@ from mmkd.losses import (
 )
 from mmkd.students.half_depth import STRATEGIES
 from mmkd.teachers import BACKENDS, CLIPTeacher
+from mmkd.trainers.term_logging import LossTermLoggingMixin
 
 DISTILL_KINDS = ("mse_cosine", "mse", "cosine")
 NEGATIVES = ("hardest", "random")
@@ -174,7 +174,7 @@ def build_loss(args: CLIPDistillationConfig) -> CLIPDistillationLoss:
     return CLIPDistillationLoss(losses)
 
 
-class CLIPDistillationTrainer(Trainer):
+class CLIPDistillationTrainer(LossTermLoggingMixin, Trainer):
     """``Trainer`` that distils a frozen CLIP ``teacher`` into the ``model`` (a ``CLIPModel`` student).
 
     Args:
@@ -198,8 +198,6 @@ class CLIPDistillationTrainer(Trainer):
         self.teacher = None
         if teacher is not None:
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        self._term_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
-        self._term_steps = 0
         self.gathered_batch_size: int | None = None
 
     # -- teacher ----------------------------------------------------------------------------------------------
@@ -252,23 +250,10 @@ class CLIPDistillationTrainer(Trainer):
         )
         loss = total_loss(terms)
         if model.training:
-            for k, v in terms.items():
-                self._term_sums[k] = self._term_sums[k] + v.detach().float()
-            self._term_steps += 1
+            self.record_terms(terms)
             if self.loss_fn.last_gathered_batch_size is not None:
                 self.gathered_batch_size = self.loss_fn.last_gathered_batch_size
         return (loss, outputs) if return_outputs else loss
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Trainer calls log() on every process, so the mean over processes below is a matched collective.
-        if self._term_steps and "loss" in logs:
-            names = sorted(self._term_sums)
-            stacked = torch.stack([self._term_sums[k] for k in names]) / self._term_steps
-            stacked = self.accelerator.reduce(stacked, reduction="mean")
-            for k, v in zip(names, stacked.tolist(), strict=True):
-                logs[f"loss_{k}"] = round(v, 6)
-            if self.gathered_batch_size is not None:
-                logs["gathered_batch_size"] = self.gathered_batch_size
-            self._term_sums.clear()
-            self._term_steps = 0
-        super().log(logs, start_time)
+    def extra_logs(self) -> dict[str, float]:
+        return {} if self.gathered_batch_size is None else {"gathered_batch_size": self.gathered_batch_size}
