@@ -17,6 +17,20 @@ Any option of the YAML file can be overridden on the command line (``--max_steps
 Resume an interrupted run with ``--resume_from_checkpoint out/smoke/checkpoint-20`` (or ``true`` for the latest).
 The result loads without mmkd:
     pipeline("zero-shot-image-classification", model="out/smoke")
+
+Push the student to the Hub at the end of training with Trainer's own options:
+    accelerate launch recipes/clip_student.py --config recipes/configs/vit_b32_cc3m.yaml --output_dir out/vit-b32-half \
+        --push_to_hub true --hub_model_id me/clip-vit-b32-half [--hub_private_repo true] [--hub_token hf_...]
+The recipe, not Trainer, pushes: Trainer with ``push_to_hub`` would create the repository over the network in its
+constructor (failing an offline machine before the first step) and upload every checkpoint. Here training and the
+local save never touch the network; once the student is saved, the main process writes its model card
+(``README.md``, naming the repository) and uploads one commit through ``mmkd.push.push_folder``: weights, config,
+processor, card and the run's JSON records, never checkpoints, optimizer states or ``runs/``. So ``--hub_strategy``
+has no effect (no intermediate pushes), ``--hub_model_id`` defaults to the output folder's name in the token's
+namespace, ``--hub_revision`` picks the branch, and ``training_config.json`` records ``push_to_hub: false`` (a re-run
+from it does not push again). A failed push (no network, ``HF_HUB_OFFLINE``, a refused token) ends the run with one
+line and exit status 1 after the student is saved; push the folder later with
+``python -m mmkd.push out/vit-b32-half --repo-id me/clip-vit-b32-half``.
 """
 
 from __future__ import annotations
@@ -64,6 +78,8 @@ def build_models(args: CLIPDistillationConfig):
 
 def main(argv: list[str] | None = None) -> dict:
     data_args, args = parse_args(argv)
+    # The recipe pushes once, after saving (section 7); Trainer never sees push_to_hub (see the module docstring).
+    push_to_hub, args.push_to_hub = args.push_to_hub, False
     if args.teacher_name_or_path is None:
         raise SystemExit("--teacher_name_or_path is required: the student's architecture is derived from it")
     set_seed(args.seed)
@@ -131,8 +147,33 @@ def main(argv: list[str] | None = None) -> dict:
             f"({student_params['total'] / teacher_params['total']:.0%} of the teacher's {teacher_params['total']:,}), "
             f"{trainer.state.global_step} steps on {summary['world_size']} process(es) in {summary['wall_time_s']} s"
         )
-    if args.push_to_hub:
-        trainer.push_to_hub()
+
+    # 7. Push to the Hub (main process only) ------------------------------------------------------------------------
+    if push_to_hub and trainer.is_world_process_zero():
+        import sys
+
+        from mmkd.push import PushError, command_line, push_folder
+
+        repo_id = args.hub_model_id or Path(args.output_dir).absolute().name  # Trainer's default
+        if args.hub_strategy not in ("end", "every_save"):
+            print(f"--hub_strategy {args.hub_strategy.value}: the recipe pushes the final student only, no checkpoints")
+        try:
+            url = push_folder(
+                args.output_dir,
+                repo_id,
+                token=args.hub_token,
+                private=args.hub_private_repo,
+                revision=args.hub_revision,
+                commit_message="End of training",
+                command=command_line("recipes/clip_student.py", sys.argv[1:] if argv is None else argv),
+            )
+        except (PushError, OSError, ValueError) as err:
+            # The student is saved; leave with one line. The other ranks wait in shutdown()'s barrier: join it
+            # so the process group ends cleanly.
+            shutdown()
+            raise SystemExit(" ".join(str(err).split())) from None
+        summary["hub_commit_url"] = url
+        print(f"pushed {args.output_dir} to the Hub: {url}")
     return summary
 
 
