@@ -37,19 +37,22 @@ def template_path(name: str) -> Path:
     raise FileNotFoundError(f"model card template {name!r} not found; looked in: {', '.join(map(str, candidates))}")
 
 
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware_description() -> str:
     """One line naming the accelerator (or CPU) and core count this process runs on."""
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU only ({cpu}, {os.cpu_count()} cores)"
+    return f"CPU only ({cpu_name()}, {os.cpu_count()} cores)"
 
 
 # Loss options of CLIPDistillationConfig -> the rows of the card's objective table.

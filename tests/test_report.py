@@ -1,0 +1,243 @@
+"""Tests for mmkd.report: the teacher / student / int8 compression report, on tiny models (no timed assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPModel, CLIPProcessor
+
+from mmkd.eval.zeroshot import evaluate_zeroshot
+from mmkd.report import (
+    TABLE_HEADER,
+    compare_throughput,
+    compression_report,
+    format_report,
+    main,
+    plot_report,
+    quantize_int8,
+    size_on_disk,
+    table_cells,
+)
+from mmkd.students import build_student
+from tests.conftest import tiny_clip_config
+
+CLASSES = ["red", "green", "blue", "yellow", "white"]  # >= 5 classes, so acc@5 is reported
+COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 30), (240, 240, 240)]
+ROWS = ["teacher", "student", "student int8"]
+
+
+@pytest.fixture(scope="module")
+def pair(open_clip_teacher, tmp_path_factory) -> dict[str, Path]:
+    """The tiny open_clip teacher's transformers twin and its half-depth student, both saved with a processor."""
+    root = tmp_path_factory.mktemp("report-pair")
+    processor = open_clip_teacher.transformers_processor()
+    teacher = open_clip_teacher.to_transformers()
+    teacher.save_pretrained(root / "teacher")
+    processor.save_pretrained(root / "teacher")
+    student, _ = build_student(teacher)
+    student.save_pretrained(root / "student")
+    processor.save_pretrained(root / "student")
+    return {"teacher": root / "teacher", "student": root / "student"}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """A tiny labelled image folder: 5 colour classes x 3 noisy 32x32 images."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for name, rgb in zip(CLASSES, COLOURS, strict=True):
+        (root / name).mkdir()
+        for i in range(3):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cli_report(pair, image_folder, tmp_path_factory) -> dict:
+    """One CLI run with accuracy; the files it wrote and the JSON it holds."""
+    out = tmp_path_factory.mktemp("report-out")
+    argv = [
+        "--teacher", str(pair["teacher"]), "--student", str(pair["student"]), "--dataset", str(image_folder),
+        "--batch-size", "4", "--repeats", "2", "--no-progress",
+        "--plot", str(out / "report.png"), "--json", str(out / "report.json"), "--markdown", str(out / "report.md"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return {
+        "dir": out,
+        "report": json.loads((out / "report.json").read_text()),
+        "markdown": (out / "report.md").read_text(),
+    }
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0] == list(TABLE_HEADER)
+    return cells[2:]  # past the header and the |---| line
+
+
+# ------------------------------------------------------------------------------------------------ the numbers
+
+
+def test_parameters_and_rows(open_clip_teacher, pair):
+    report = compression_report(open_clip_teacher, pair["student"], None, batch_size=2, repeats=1)
+    rows = {r["model"]: r for r in report["rows"]}
+    assert list(rows) == ROWS
+    teacher_params = sum(p.numel() for p in open_clip_teacher.to_transformers().parameters())
+    assert teacher_params == open_clip_teacher.num_parameters()  # the conversion is weight for weight
+    student_params = sum(p.numel() for p in CLIPModel.from_pretrained(pair["student"]).parameters())
+    assert rows["teacher"]["parameters"] == teacher_params
+    assert rows["student"]["parameters"] == rows["student int8"]["parameters"] == student_params
+    assert rows["teacher"]["layers"] == "4+4" and rows["student"]["layers"] == "2+2"
+    for row in rows.values():
+        assert row["image_per_s"] > 0 and row["text_per_s"] > 0 and row["size_bytes"] > 0
+        assert len(row["image_seconds"]) == len(row["text_seconds"]) == 1
+        assert row["acc1"] is None and row["acc5"] is None
+    assert rows["teacher"]["image_speedup"] == rows["teacher"]["text_speedup"] == 1.0
+    assert rows["student"]["image_speedup"] == pytest.approx(
+        rows["student"]["image_per_s"] / rows["teacher"]["image_per_s"]
+    )
+    assert report["dataset"] is None and report["settings"]["quantization"].startswith("torch.ao")
+
+
+def test_int8_is_smaller_when_linear_layers_dominate():
+    cfg = tiny_clip_config(layers=6)
+    for sub in (cfg.vision_config, cfg.text_config):
+        sub.intermediate_size = 4096  # MLP weights outweigh the 49408 x 32 token embedding
+    model = CLIPModel(cfg).eval()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert linear > sum(p.numel() for p in model.parameters()) / 2
+    fp32_bytes, fp32_format = size_on_disk(model)
+    quantized = quantize_int8(model)
+    int8_bytes, int8_format = size_on_disk(quantized)
+    assert fp32_format.startswith("save_pretrained") and int8_format == "torch.save(state_dict)"
+    assert int8_bytes < 0.7 * fp32_bytes
+    assert fp32_bytes >= 4 * sum(p.numel() for p in model.parameters())
+    # the original is untouched and the copy still runs in transformers
+    assert isinstance(model.visual_projection, torch.nn.Linear)
+    with torch.no_grad():
+        out = quantized.get_image_features(pixel_values=torch.randn(1, 3, 32, 32)).pooler_output
+    assert out.shape == (1, 16) and torch.isfinite(out).all()
+
+
+def test_throughput_shape_and_inputs():
+    model = CLIPModel(tiny_clip_config(layers=1)).eval()
+    result = compare_throughput({"a": model, "b": model}, batch_size=3, repeats=2, warmup=0, text_length=10)
+    assert set(result) == {"a", "b"}
+    for r in result.values():
+        assert len(r["image_seconds"]) == 2 and all(t > 0 for t in r["image_seconds"])
+        assert r["image_per_s"] == pytest.approx(3 / float(np.median(r["image_seconds"])))
+        assert r["text_length"] == 10 and r["image_size"] == 32 and r["threads"] == torch.get_num_threads()
+        assert r["cpu_share"] > 0
+    with pytest.raises(ValueError, match="text_length"):
+        compare_throughput({"a": model}, text_length=78)
+    with pytest.raises(ValueError, match="repeats"):
+        compare_throughput({"a": model}, repeats=0)
+
+
+def test_accuracy_equals_evaluate_zeroshot(cli_report, pair, image_folder):
+    rows = {r["model"]: r for r in cli_report["report"]["rows"]}
+    student = CLIPModel.from_pretrained(pair["student"]).eval()
+    processor = CLIPProcessor.from_pretrained(pair["student"])
+    direct = {
+        "teacher": evaluate_zeroshot(str(pair["teacher"]), str(image_folder), progress=False),
+        "student": evaluate_zeroshot(str(pair["student"]), str(image_folder), progress=False),
+        "student int8": evaluate_zeroshot(
+            quantize_int8(student), str(image_folder), processor=processor, progress=False
+        ),
+    }
+    for name, result in direct.items():
+        assert result["num_images"] == 15 and result["num_classes"] == 5
+        assert rows[name]["acc1"] == result["acc1"], name
+        assert rows[name]["acc5"] == result["acc5"], name
+    dataset = cli_report["report"]["dataset"]
+    assert dataset["num_images"] == 15 and dataset["num_classes"] == 5
+
+
+# ------------------------------------------------------------------------------------------------ the outputs
+
+
+def test_markdown_json_and_plot_agree(cli_report):
+    report, markdown, out = cli_report["report"], cli_report["markdown"], cli_report["dir"]
+    table = _table_rows(markdown)
+    assert [cells[0] for cells in table] == ROWS
+    for cells, row in zip(table, report["rows"], strict=True):
+        assert cells == table_cells(row)
+        # the cells are the dict's numbers, not something recomputed
+        assert cells[2].replace(",", "") == str(row["parameters"])
+        assert float(cells[3]) == pytest.approx(row["size_bytes"] / 1e6, abs=0.005)
+        assert float(cells[4]) == pytest.approx(row["image_per_s"], abs=0.05)
+        assert float(cells[5]) == pytest.approx(row["text_per_s"], abs=0.05)
+        assert float(cells[6].rstrip("×")) == pytest.approx(row["image_speedup"], abs=0.005)
+        assert float(cells[8]) == pytest.approx(100 * row["acc1"], abs=0.005)
+        assert float(cells[9]) == pytest.approx(100 * row["acc5"], abs=0.005)
+        assert row["image_spread"] == max(row["image_seconds"]) / min(row["image_seconds"]) >= 1
+    assert "Timing spread" in markdown and "CPU share during the timing" in markdown
+    assert report["machine"]["cpu_share"] > 0
+    assert format_report(report) == markdown
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = plot_report(report, out / "again.png")
+    assert points["acc1"] == [(r["model"], r["size_mb"], 100 * r["acc1"]) for r in report["rows"]]
+    assert points["image_per_s"] == [(r["model"], r["size_mb"], r["image_per_s"]) for r in report["rows"]]
+
+
+def test_dataset_none_skips_accuracy(pair, tmp_path, capsys):
+    argv = ["--teacher", str(pair["teacher"]), "--student", str(pair["student"]), "--dataset", "none",
+            "--batch-size", "2", "--repeats", "1", "--no-int8", "--no-progress", "--json", str(tmp_path / "r.json"),
+            "--plot", str(tmp_path / "r.png")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [r["model"] for r in report["rows"]] == ["teacher", "student"]
+    assert all(r["acc1"] is None for r in report["rows"])
+    table = _table_rows(capsys.readouterr().out)
+    assert all(cells[8] == cells[9] == "n/a" for cells in table)
+    assert set(plot_report(report, tmp_path / "p.png")) == {"image_per_s"}
+
+
+# ------------------------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if a teacher or a student is loaded."""
+    import mmkd.teachers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(mmkd.teachers, "load_teacher", refuse)
+    monkeypatch.setattr(CLIPModel, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--student", "{tmp}/missing"], "student directory"),
+        (["--dataset", "cifar1O"], "unknown dataset 'cifar1O'"),
+        (["--dataset", "{tmp}/no-such-folder"], "unknown dataset"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--data-dir", "{tmp}/nowhere"], "--data-dir"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_model(pair, tmp_path, capsys, no_model_loading, extra, expected):
+    argv = ["--teacher", str(pair["teacher"]), "--student", str(pair["student"]), "--dataset", "none"]
+    argv += [a.format(tmp=tmp_path) for a in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmkd.report: error:") and "\n" not in err
+    assert expected in err
+
+
+def test_library_checks_before_loading(pair, tmp_path, no_model_loading):
+    with pytest.raises(FileNotFoundError, match="student directory"):
+        compression_report(str(pair["teacher"]), tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        compression_report(str(pair["teacher"]), pair["student"], "imagenet-typo")
+    with pytest.raises(ValueError, match="batch_size"):
+        compression_report(str(pair["teacher"]), pair["student"], batch_size=0)
