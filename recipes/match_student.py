@@ -33,6 +33,7 @@ from accelerate import PartialState
 from transformers import CLIPProcessor, set_seed
 
 from mmkd import recipe_args
+from mmkd.cards import hardware_description, match_student_card_data, render_match_student_card
 from mmkd.distributed import shutdown
 from mmkd.matching import CLIPMatcher, ResNetMiniLMMatcher, load_text_tokenizer
 from mmkd.matching.collator import TEACHER_LOGITS, MatchCollator, clip_inputs, student_inputs
@@ -136,7 +137,7 @@ def build_student(margs: MatchArguments, seed: int, feature_dim: int | None = No
     )
 
 
-def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables) -> dict[str, Any]:
+def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, margs) -> dict[str, Any]:
     start = time.time()
     trainer = MatchDistillationTrainer(
         model=model, teacher=teacher, args=cfg, train_dataset=pairs["train"], eval_dataset=pairs["validation"],
@@ -156,12 +157,14 @@ def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables) ->
         **{m: metrics.get(f"eval_{m}") for m in METRIC_NAMES},
         "eval_loss": metrics.get("eval_loss"),
         "alpha": cfg.alpha, "temperature": cfg.temperature, "distill_form": cfg.distill_form,
-        "learning_rate": cfg.learning_rate,
+        "learning_rate": cfg.learning_rate, "feature_weight": cfg.feature_weight,
+        "num_eval_pairs": len(pairs["validation"]), "hardware": hardware_description(),
     }
     if trainer.is_world_process_zero():
         for obj in saveables:
             obj.save_pretrained(cfg.output_dir)
         Path(cfg.output_dir, "eval_results.json").write_text(json.dumps(result, indent=2))
+        recipe_args.write_training_config(cfg, margs)  # what the model card and a re-run read
     return result
 
 
@@ -174,7 +177,7 @@ def run_teacher(margs, base, pairs, out: Path) -> dict[str, Any]:
     cfg = stage_config(base, out / "teacher", alpha=0.0, feature_weight=0.0,
                        learning_rate=margs.teacher_learning_rate, **_budget(margs, margs.teacher_epochs))
     return train_and_evaluate("teacher (CLIP matcher)", model, None, cfg, pairs,
-                              MatchCollator(clip_inputs(processor)), [processor])
+                              MatchCollator(clip_inputs(processor)), [processor], margs)
 
 
 def load_trained_teacher(out: Path):
@@ -189,7 +192,7 @@ def run_baseline(margs, base, pairs, out: Path) -> dict[str, Any]:
     cfg = stage_config(base, out / "baseline", alpha=0.0, feature_weight=0.0,
                        learning_rate=margs.baseline_learning_rate, **_budget(margs, margs.baseline_epochs))
     return train_and_evaluate("baseline (ResNet+MiniLM alone)", model, None, cfg, pairs,
-                              MatchCollator(student_inputs(model, tokenizer)), [tokenizer])
+                              MatchCollator(student_inputs(model, tokenizer)), [tokenizer], margs)
 
 
 def add_teacher_logits(pairs: datasets.Dataset, teacher, processor, batch_size: int) -> datasets.Dataset:
@@ -219,7 +222,8 @@ def run_distill(margs, base, pairs, out: Path, folder: str = "distilled", cached
                        **_budget(margs, margs.distill_epochs), **loss)
     # Training batches with cached logits never run the teacher; the validation pairs (eval loss) still do.
     collator = MatchCollator(student_inputs(model, tokenizer), clip_inputs(processor))
-    return train_and_evaluate("distilled (ResNet+MiniLM from CLIP)", model, teacher, cfg, data, collator, [tokenizer])
+    return train_and_evaluate("distilled (ResNet+MiniLM from CLIP)", model, teacher, cfg, data, collator, [tokenizer],
+                              margs)
 
 
 # 3. Tables ---------------------------------------------------------------------------------------------------------
@@ -288,26 +292,83 @@ def write_sweep(out: Path, rows, alphas, temperatures, metric: str = "f1") -> No
     plt.close(fig)
 
 
-# 4. Main -----------------------------------------------------------------------------------------------------------
+# 4. Cards and push ------------------------------------------------------------------------------------------------
+STUDENT_FOLDERS = ("baseline", "distilled")
+
+
+def write_cards(out: Path, rows: list[dict[str, Any]], command: str, repo_ids: dict[str, str]) -> list[Path]:
+    """A model card (``README.md``) in every student folder of ``out``, comparing it with the other models."""
+    written = []
+    for folder in STUDENT_FOLDERS:
+        if not (out / folder / "eval_results.json").is_file():
+            continue
+        data = match_student_card_data(out / folder, results=rows, command=command,
+                                       repo_id=repo_ids.get(folder, str(out / folder)))
+        path = out / folder / "README.md"
+        render_match_student_card(data).save(path)
+        written.append(path)
+    return written
+
+
+def pushed_folder(stages: tuple[str, ...]) -> str:
+    """The student a ``--push_to_hub`` run pushes: the distilled one, or the baseline when only it was trained."""
+    if "distill" in stages:
+        return "distilled"
+    if "baseline" in stages:
+        return "baseline"
+    raise SystemExit(f"--push_to_hub pushes a student: run --stage distill, baseline or all, not {stages[0]!r}")
+
+
+def hub_repo_id(base: MatchDistillationConfig, folder: str) -> str:
+    """``--hub_model_id``, else ``<output folder name>-<student folder>`` in the token's namespace."""
+    return base.hub_model_id or f"{Path(base.output_dir).absolute().name}-{folder}"
+
+
+def push_student(base: MatchDistillationConfig, folder: Path, command: str) -> str:
+    from mmkd.push import PushError, push_folder
+
+    try:
+        return push_folder(folder, hub_repo_id(base, folder.name), token=base.hub_token,
+                           private=base.hub_private_repo, revision=base.hub_revision,
+                           commit_message="End of training", command=command)
+    except (PushError, OSError, ValueError) as err:
+        shutdown()  # the other ranks wait in shutdown()'s barrier
+        raise SystemExit(" ".join(str(err).split())) from None
+
+
+# 5. Main -----------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    import sys
+
+    from mmkd.push import command_line
+
     margs, base = recipe_args.parse_args(argv, MatchArguments, MatchDistillationConfig)
     if margs.stage not in STAGES:
         raise SystemExit(f"--stage {margs.stage!r}: expected one of {', '.join(STAGES)}")
+    stages = ("teacher", "baseline", "distill") if margs.stage == "all" else (margs.stage,)
+    # The recipe pushes once, at the end (as recipes/clip_student.py): Trainer never sees push_to_hub.
+    push_to_hub, base.push_to_hub = base.push_to_hub, False
+    push = pushed_folder(stages) if push_to_hub else None  # a wrong stage fails before any training
+    command = command_line("recipes/match_student.py", sys.argv[1:] if argv is None else argv)
     out = Path(base.output_dir)
     with base.main_process_first(desc="building the matching pairs"):
         pairs = load_pairs(margs, base.seed)
     if margs.stage == "sweep":
         return run_sweep(margs, base, pairs, out)
-    stages = ("teacher", "baseline", "distill") if margs.stage == "all" else (margs.stage,)
     runners = {"teacher": run_teacher, "baseline": run_baseline, "distill": run_distill}
     for stage in stages:
         runners[stage](margs, base, pairs, out)
     # The table holds every model trained so far in this output folder (stages may run in separate launches).
     rows = [json.loads((out / f / "eval_results.json").read_text())
-            for f in ("teacher", "baseline", "distilled") if (out / f / "eval_results.json").is_file()]
+            for f in ("teacher", *STUDENT_FOLDERS) if (out / f / "eval_results.json").is_file()]
     if PartialState().is_main_process:
         write_results(out, rows, f"Match distillation on {margs.dataset}")
+        repo_ids = {push: hub_repo_id(base, push)} if push else {}
+        write_cards(out, rows, command, repo_ids)
         print("\n" + results_table(rows))
+        if push:
+            url = push_student(base, out / push, command)
+            print(f"pushed {out / push} to the Hub: {url}")
     return rows
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mmkd.matching.collator import MatchCollator, student_inputs
 from mmkd.matching.metrics import match_metrics
 from tests.conftest import REPO, load_recipe
 from tests.test_offline_job import fmnist_dir  # noqa: F401  (fixture: tiny Fashion-MNIST IDX files)
+from tests.test_push import hub  # noqa: F401  (fixture: the local stand-in of the Hub)
 
 match_student = load_recipe("match_student")
 
@@ -118,3 +120,124 @@ def test_two_process_launch(tmp_path, fmnist_dir, tiny_hf_clip_dir):  # noqa: F8
     rows = json.loads((tmp_path / "results.json").read_text())["models"]
     assert [r["world_size"] for r in rows] == [2, 2, 2]
     assert all(r["global_step"] == 2 for r in rows)
+
+
+# Model cards and --push_to_hub ---------------------------------------------------------------------------------------
+def read_card(path):
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(path)
+
+
+def test_every_student_folder_gets_a_card_with_its_results_as_model_index(trained):
+    out, _ = trained
+    rows = json.loads((out / "results.json").read_text())["models"]
+    for folder, kind in (("baseline", "baseline"), ("distilled", "distilled")):
+        own = json.loads((out / folder / "eval_results.json").read_text())
+        card = read_card(out / folder / "README.md")
+        assert "mmkd" in card.data.tags and kind in card.data.tags
+        got = {r.metric_type: r.metric_value for r in card.data.eval_results}
+        assert got == {m: round(100 * own[m], 2) for m in ("accuracy", "precision", "recall", "f1", "roc_auc")}
+        assert {r.task_type for r in card.data.eval_results} == {"image-text-matching"}
+        # the table compares with every model of the run; this model's row is marked
+        for r in rows:
+            assert f"{100 * r['accuracy']:.2f} | {100 * r['precision']:.2f} |" in card.text
+        assert f"**{own['model']} (this model)**" in card.text
+        assert f'ResNetMiniLMMatcher.from_pretrained("{out / folder}")' in card.text
+        assert "--stage all" in card.text  # the reproduce command
+    distilled = read_card(out / "distilled" / "README.md").text
+    assert "T = 3" in distilled and "hinton2015distilling" in distilled and "| `soft` | 0.5 |" in distilled
+    assert "trained alone" not in distilled
+    baseline = read_card(out / "baseline" / "README.md").text
+    assert "trained alone" in baseline and "`soft`" not in baseline and "| `hard` | 1.0 |" in baseline
+
+
+def test_card_parameter_counts_come_from_the_weights(trained):
+    from mmkd.cards import match_parameter_counts
+
+    out, _ = trained
+    model = ResNetMiniLMMatcher.from_pretrained(out / "distilled")
+    counts = match_parameter_counts(out / "distilled")
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["image"] == sum(p.numel() for p in model.image_encoder.parameters())
+    assert counts["text"] == sum(p.numel() for p in model.text_encoder.parameters())
+    assert counts["head"] == sum(p.numel() for p in model.head.parameters()) and counts["projection"] == 0
+
+
+def test_gap_closed_is_worked_out_from_the_three_accuracies(trained):
+    from mmkd.cards import match_student_card_data, render_match_student_card
+
+    out, _ = trained
+    own = json.loads((out / "distilled" / "eval_results.json").read_text())
+    others = [{"model": "teacher (CLIP matcher)", "parameters": 10, "accuracy": own["accuracy"] + 0.2,
+               "precision": None, "recall": None, "f1": None, "roc_auc": None},
+              {"model": "baseline (ResNet+MiniLM alone)", "parameters": 9, "accuracy": own["accuracy"] - 0.05,
+               "precision": None, "recall": None, "f1": None, "roc_auc": None}]
+    data = match_student_card_data(out / "distilled", results=others, repo_id="me/m")
+    assert data.gap_closed == pytest.approx(0.05 / 0.25)
+    assert data.teacher_parameters == 10
+    assert [r["model"].split()[0] for r in data.results] == ["teacher", "baseline", "distilled"]
+    text = str(render_match_student_card(data))
+    assert "closes 20 % of the accuracy gap" in text and "| n/a |" in text
+
+
+def test_a_card_needs_a_match_student_folder(trained):
+    from mmkd.cards import match_student_card_data
+
+    out, _ = trained
+    with pytest.raises(ValueError, match="mmkd_clip_matcher"):
+        match_student_card_data(out / "teacher")
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        match_student_card_data(out)
+
+
+def test_push_to_hub_sends_the_distilled_student_and_it_loads_by_id(trained, fmnist_dir, tiny_hf_clip_dir, hub,  # noqa: F811
+                                                                      tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from mmkd import push as P
+
+    src, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(src / "teacher", out / "teacher")
+    match_student.main(recipe_argv(out, fmnist_dir, tiny_hf_clip_dir, "distill", 2, "--push_to_hub", "true",
+                                   "--hub_model_id", "me/fmnist-matcher", "--hub_token", "hf_standin"))
+    repo = hub.repos["me/fmnist-matcher"]
+    assert [c["summary"] for c in repo.commits] == ["End of training"]
+    assert repo.files == {p.as_posix(): (out / "distilled" / p).read_bytes()
+                          for p in P.files_to_push(out / "distilled")}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "eval_results.json",
+            "training_config.json"} <= set(repo.files)
+    card = repo.files["README.md"].decode()
+    assert 'ResNetMiniLMMatcher.from_pretrained("me/fmnist-matcher")' in card
+    assert 'AutoTokenizer.from_pretrained("me/fmnist-matcher")' in card and "hf_standin" not in card
+    remote = ResNetMiniLMMatcher.from_pretrained("me/fmnist-matcher", token="hf_standin")
+    local = ResNetMiniLMMatcher.from_pretrained(out / "distilled")
+    assert all(torch.equal(a, b) for a, b in zip(remote.state_dict().values(), local.state_dict().values(),
+                                                 strict=True))
+    tok = AutoTokenizer.from_pretrained("me/fmnist-matcher", token="hf_standin")
+    assert tok("a photo of a sneaker")["input_ids"] == load_text_tokenizer(str(out / "distilled"))(
+        "a photo of a sneaker")["input_ids"]
+
+
+def test_push_of_a_match_folder_without_card_writes_the_match_card(trained, hub, tmp_path):  # noqa: F811
+    import shutil
+
+    from mmkd import push as P
+
+    src, _ = trained
+    folder = Path(shutil.copytree(src / "baseline", tmp_path / "baseline"))
+    (folder / "README.md").unlink()
+    P.push_folder(folder, "me/baseline", token="hf_standin")
+    card = read_card(folder / "README.md")
+    assert "baseline" in card.data.tags and card.data.eval_results
+    assert hub.repos["me/baseline"].files["README.md"] == (folder / "README.md").read_bytes()
+    assert 'from_pretrained("me/baseline")' in card.text
+
+
+def test_push_to_hub_with_the_teacher_stage_fails_before_training(tmp_path, fmnist_dir, tiny_hf_clip_dir):  # noqa: F811
+    with pytest.raises(SystemExit, match="--push_to_hub pushes a student"):
+        match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "teacher", 2, "--push_to_hub", "true"))
+    assert not (tmp_path / "teacher").exists()
