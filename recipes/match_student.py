@@ -57,6 +57,10 @@ class MatchArguments:
     data_dir: str | None = field(default=None, metadata={"help": "Fashion-MNIST IDX folder or COCO root."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Cap on the training pairs."})
     max_eval_examples: int | None = field(default=None, metadata={"help": "Cap on the validation pairs."})
+    pairs_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the pair construction (default: --seed). Fix it to vary only the "
+                                "students' initialisation and data order with --seed (a seed study)."}
+    )
     # teacher
     clip_name_or_path: str | None = field(
         default=None, metadata={"help": "The CLIP to fine-tune: any mmkd teacher spec (open_clip name, checkpoint, "
@@ -352,7 +356,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     command = command_line("recipes/match_student.py", sys.argv[1:] if argv is None else argv)
     out = Path(base.output_dir)
     with base.main_process_first(desc="building the matching pairs"):
-        pairs = load_pairs(margs, base.seed)
+        pairs = load_pairs(margs, base.seed if margs.pairs_seed is None else margs.pairs_seed)
     if margs.stage == "sweep":
         return run_sweep(margs, base, pairs, out)
     runners = {"teacher": run_teacher, "baseline": run_baseline, "distill": run_distill}

@@ -241,3 +241,21 @@ def test_push_to_hub_with_the_teacher_stage_fails_before_training(tmp_path, fmni
     with pytest.raises(SystemExit, match="--push_to_hub pushes a student"):
         match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "teacher", 2, "--push_to_hub", "true"))
     assert not (tmp_path / "teacher").exists()
+
+
+def test_pairs_seed_fixes_the_pairs_while_seed_varies_the_student(tmp_path, fmnist_dir, tiny_hf_clip_dir,  # noqa: F811
+                                                                  monkeypatch):
+    seen = []
+    real = match_student.load_pairs
+
+    def spy(margs, seed):
+        seen.append(seed)
+        return real(margs, seed)
+
+    monkeypatch.setattr(match_student, "load_pairs", spy)
+    with pytest.raises(SystemExit, match="run --stage teacher first"):  # stops right after building the pairs
+        match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "distill", 2, "--seed", "3",
+                                       "--pairs_seed", "0"))
+    with pytest.raises(SystemExit, match="run --stage teacher first"):
+        match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "distill", 2, "--seed", "3"))
+    assert seen == [0, 3]
