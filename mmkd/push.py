@@ -144,6 +144,8 @@ def _missing_essentials(folder: Path, names: set[str]) -> list[str]:
             missing.append("the image processor (processor_config.json or preprocessor_config.json)")
         if not names & {"tokenizer.json", "tokenizer_config.json"}:
             missing.append("the tokenizer (tokenizer.json or tokenizer_config.json)")
+    if config.get("model_type") == "mmkd_resnet_minilm" and not names & {"tokenizer.json", "tokenizer_config.json"}:
+        missing.append("the MiniLM tokenizer (tokenizer.json or tokenizer_config.json)")  # a match student
     return missing
 
 

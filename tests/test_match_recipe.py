@@ -259,3 +259,17 @@ def test_pairs_seed_fixes_the_pairs_while_seed_varies_the_student(tmp_path, fmni
     with pytest.raises(SystemExit, match="run --stage teacher first"):
         match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "distill", 2, "--seed", "3"))
     assert seen == [0, 3]
+
+
+def test_a_match_folder_without_its_tokenizer_is_refused_before_any_network_call(trained, tmp_path):
+    import shutil
+
+    from mmkd import push as P
+
+    src, _ = trained
+    folder = Path(shutil.copytree(src / "distilled", tmp_path / "distilled"))
+    assert "tokenizer.json" in {p.as_posix() for p in P.files_to_push(folder)}
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with pytest.raises(FileNotFoundError, match="missing the MiniLM tokenizer"):
+        P.push_folder(folder, "me/x", endpoint="http://127.0.0.1:9")
