@@ -14,8 +14,11 @@ Three experiments, each a stage, then the table of Table 1 (accuracy, precision,
         --config recipes/configs/match_fashion_mnist.yaml --stage all
 
 Outputs in ``--output_dir``: ``teacher/``, ``baseline/``, ``distilled/`` (each loadable with ``from_pretrained``,
-with its processor or tokenizer and ``eval_results.json``), ``results.md`` / ``results.json``, and for the sweep
-``sweep.md`` / ``sweep.json`` / ``sweep.png``. The training options of ``MatchDistillationConfig`` (a
+with its processor or tokenizer, ``eval_results.json`` and ``training_config.json``; each student with its model
+card ``README.md`` from ``model_cards/match_student.md``), ``results.md`` / ``results.json``, and for the sweep
+``sweep.md`` / ``sweep.json`` / ``sweep.png``. ``--push_to_hub true --hub_model_id me/name`` pushes the distilled
+student (the baseline when only ``--stage baseline`` ran) once at the end, from the main process, as
+``recipes/clip_student.py`` does; a failed push ends the run with one line after everything is saved. The training options of ``MatchDistillationConfig`` (a
 ``TrainingArguments``) apply to every stage; each stage sets its own epochs and learning rate.
 """
 
