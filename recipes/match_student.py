@@ -144,7 +144,7 @@ def build_student(margs: MatchArguments, seed: int, feature_dim: int | None = No
     )
 
 
-def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, margs) -> dict[str, Any]:
+def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, margs, command="") -> dict[str, Any]:
     start = time.time()
     trainer = MatchDistillationTrainer(
         model=model, teacher=teacher, args=cfg, train_dataset=pairs["train"], eval_dataset=pairs["validation"],
@@ -166,6 +166,7 @@ def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, ma
         "alpha": cfg.alpha, "temperature": cfg.temperature, "distill_form": cfg.distill_form,
         "learning_rate": cfg.learning_rate, "feature_weight": cfg.feature_weight,
         "num_eval_pairs": len(pairs["validation"]), "hardware": hardware_description(),
+        "command": command,  # the launch that trained this model: its card's reproduce line
     }
     if trainer.is_world_process_zero():
         for obj in saveables:
@@ -175,7 +176,7 @@ def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, ma
     return result
 
 
-def run_teacher(margs, base, pairs, out: Path) -> dict[str, Any]:
+def run_teacher(margs, base, pairs, out: Path, command: str = "") -> dict[str, Any]:
     if margs.clip_name_or_path is None:
         raise SystemExit("--clip_name_or_path is required for the teacher stage: the CLIP to fine-tune")
     processor = load_teacher(margs.clip_name_or_path, pretrained=margs.clip_pretrained).transformers_processor()
@@ -184,7 +185,7 @@ def run_teacher(margs, base, pairs, out: Path) -> dict[str, Any]:
     cfg = stage_config(base, out / "teacher", alpha=0.0, feature_weight=0.0,
                        learning_rate=margs.teacher_learning_rate, **_budget(margs, margs.teacher_epochs))
     return train_and_evaluate("teacher (CLIP matcher)", model, None, cfg, pairs,
-                              MatchCollator(clip_inputs(processor)), [processor], margs)
+                              MatchCollator(clip_inputs(processor)), [processor], margs, command)
 
 
 def load_trained_teacher(out: Path):
@@ -194,12 +195,12 @@ def load_trained_teacher(out: Path):
     return CLIPMatcher.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
 
 
-def run_baseline(margs, base, pairs, out: Path) -> dict[str, Any]:
+def run_baseline(margs, base, pairs, out: Path, command: str = "") -> dict[str, Any]:
     model, tokenizer = build_student(margs, base.seed), load_text_tokenizer(margs.text_encoder)
     cfg = stage_config(base, out / "baseline", alpha=0.0, feature_weight=0.0,
                        learning_rate=margs.baseline_learning_rate, **_budget(margs, margs.baseline_epochs))
     return train_and_evaluate("baseline (ResNet+MiniLM alone)", model, None, cfg, pairs,
-                              MatchCollator(student_inputs(model, tokenizer)), [tokenizer], margs)
+                              MatchCollator(student_inputs(model, tokenizer)), [tokenizer], margs, command)
 
 
 def add_teacher_logits(pairs: datasets.Dataset, teacher, processor, batch_size: int) -> datasets.Dataset:
@@ -218,7 +219,8 @@ def add_teacher_logits(pairs: datasets.Dataset, teacher, processor, batch_size: 
     return pairs.map(logits, batched=True, batch_size=batch_size, desc="teacher logits")
 
 
-def run_distill(margs, base, pairs, out: Path, folder: str = "distilled", cached_train=None, **loss) -> dict:
+def run_distill(margs, base, pairs, out: Path, folder: str = "distilled", cached_train=None, command: str = "",
+                **loss) -> dict:
     teacher, processor = load_trained_teacher(out)
     feature_dim = teacher.config.clip_config.projection_dim if base.feature_weight > 0 else None
     model, tokenizer = build_student(margs, base.seed, feature_dim), load_text_tokenizer(margs.text_encoder)
@@ -230,7 +232,7 @@ def run_distill(margs, base, pairs, out: Path, folder: str = "distilled", cached
     # Training batches with cached logits never run the teacher; the validation pairs (eval loss) still do.
     collator = MatchCollator(student_inputs(model, tokenizer), clip_inputs(processor))
     return train_and_evaluate("distilled (ResNet+MiniLM from CLIP)", model, teacher, cfg, data, collator, [tokenizer],
-                              margs)
+                              margs, command)
 
 
 # 3. Tables ---------------------------------------------------------------------------------------------------------
@@ -303,13 +305,15 @@ def write_sweep(out: Path, rows, alphas, temperatures, metric: str = "f1") -> No
 STUDENT_FOLDERS = ("baseline", "distilled")
 
 
-def write_cards(out: Path, rows: list[dict[str, Any]], command: str, repo_ids: dict[str, str]) -> list[Path]:
-    """A model card (``README.md``) in every student folder of ``out``, comparing it with the other models."""
+def write_cards(out: Path, rows: list[dict[str, Any]], repo_ids: dict[str, str]) -> list[Path]:
+    """A model card (``README.md``) in every student folder of ``out``, comparing it with the other models (stages
+    may run in separate launches: each card's reproduce line is the launch that trained that student)."""
     written = []
     for folder in STUDENT_FOLDERS:
         if not (out / folder / "eval_results.json").is_file():
             continue
-        data = match_student_card_data(out / folder, results=rows, command=command,
+        own = json.loads((out / folder / "eval_results.json").read_text())
+        data = match_student_card_data(out / folder, results=rows, command=own.get("command", ""),
                                        repo_id=repo_ids.get(folder, str(out / folder)))
         path = out / folder / "README.md"
         render_match_student_card(data).save(path)
@@ -364,14 +368,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return run_sweep(margs, base, pairs, out)
     runners = {"teacher": run_teacher, "baseline": run_baseline, "distill": run_distill}
     for stage in stages:
-        runners[stage](margs, base, pairs, out)
+        runners[stage](margs, base, pairs, out, command=command)
     # The table holds every model trained so far in this output folder (stages may run in separate launches).
     rows = [json.loads((out / f / "eval_results.json").read_text())
             for f in ("teacher", *STUDENT_FOLDERS) if (out / f / "eval_results.json").is_file()]
     if PartialState().is_main_process:
         write_results(out, rows, f"Match distillation on {margs.dataset}")
         repo_ids = {push: hub_repo_id(base, push)} if push else {}
-        write_cards(out, rows, command, repo_ids)
+        write_cards(out, rows, repo_ids)
         print("\n" + results_table(rows))
         if push:
             url = push_student(base, out / push, command)

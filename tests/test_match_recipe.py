@@ -144,11 +144,13 @@ def test_every_student_folder_gets_a_card_with_its_results_as_model_index(traine
             assert f"{100 * r['accuracy']:.2f} | {100 * r['precision']:.2f} |" in card.text
         assert f"**{own['model']} (this model)**" in card.text
         assert f'ResNetMiniLMMatcher.from_pretrained("{out / folder}")' in card.text
-        assert "--stage all" in card.text  # the reproduce command
+        assert own["command"].startswith("accelerate launch recipes/match_student.py --config")
+        assert own["command"] in card.text  # the reproduce line: the launch that trained this student
     distilled = read_card(out / "distilled" / "README.md").text
     assert "T = 3" in distilled and "hinton2015distilling" in distilled and "| `soft` | 0.5 |" in distilled
     assert "trained alone" not in distilled
     baseline = read_card(out / "baseline" / "README.md").text
+    assert "--stage all" in baseline  # trained by the fixture's launch, whatever later launches retrained
     assert "trained alone" in baseline and "`soft`" not in baseline and "| `hard` | 1.0 |" in baseline
 
 
