@@ -91,7 +91,8 @@ class MatchArguments:
     stage_max_steps: int = field(default=-1, metadata={"help": "If > 0: steps of every stage instead of epochs."})
     cache_teacher_logits: bool = field(
         default=False, metadata={"help": "Compute the teacher's logits on the training pairs once, then distil "
-                                 "without running the teacher (always on for the sweep)."}
+                                 "without running the teacher (always on for the sweep; off when feature_weight > 0, whose "
+                                 "term needs the teacher's embeddings)."}
     )
     sweep_alphas: str = field(default="0.25,0.5,0.75", metadata={"help": "α values of the sweep."})
     sweep_temperatures: str = field(default="1,2,3,5", metadata={"help": "T values of the sweep."})
@@ -226,6 +227,9 @@ def run_distill(margs, base, pairs, out: Path, folder: str = "distilled", cached
     model, tokenizer = build_student(margs, base.seed, feature_dim), load_text_tokenizer(margs.text_encoder)
     if cached_train is None and margs.cache_teacher_logits and base.feature_weight == 0:
         cached_train = add_teacher_logits(pairs["train"], teacher, processor, base.per_device_eval_batch_size)
+    elif margs.cache_teacher_logits and base.feature_weight > 0 and PartialState().is_main_process:
+        print("--cache_teacher_logits: ignored, the feature term (feature_weight > 0) needs the teacher's embeddings, "
+              "so the teacher runs live")
     data = pairs if cached_train is None else datasets.DatasetDict(train=cached_train, validation=pairs["validation"])
     cfg = stage_config(base, out / folder, learning_rate=margs.distill_learning_rate,
                        **_budget(margs, margs.distill_epochs), **loss)
@@ -254,16 +258,18 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str) -> None:
     (out / "results.md").write_text(f"# {title}\n\nValidation pairs, metrics in %.\n\n{results_table(rows)}\n")
 
 
-def run_sweep(margs, base, pairs, out: Path) -> list[dict[str, Any]]:
+def run_sweep(margs, base, pairs, out: Path, command: str = "") -> list[dict[str, Any]]:
     alphas = [float(a) for a in margs.sweep_alphas.split(",")]
     temperatures = [float(t) for t in margs.sweep_temperatures.split(",")]
-    teacher, processor = load_trained_teacher(out)
-    cached = add_teacher_logits(pairs["train"], teacher, processor, base.per_device_eval_batch_size)
+    cached = None
+    if base.feature_weight == 0:  # logits alone suffice; the feature term needs the teacher's embeddings: live
+        teacher, processor = load_trained_teacher(out)
+        cached = add_teacher_logits(pairs["train"], teacher, processor, base.per_device_eval_batch_size)
     rows = []
     for a in alphas:
         for t in temperatures:
             r = run_distill(margs, base, pairs, out, folder=f"sweep/alpha{a:g}_T{t:g}", cached_train=cached,
-                            alpha=a, temperature=t)
+                            command=command, alpha=a, temperature=t)
             rows.append(r)
     if PartialState().is_main_process:
         write_sweep(out, rows, alphas, temperatures)
@@ -294,7 +300,9 @@ def write_sweep(out: Path, rows, alphas, temperatures, metric: str = "f1") -> No
     ax.set_ylabel("α")
     for i in range(len(alphas)):
         for j in range(len(temperatures)):
-            ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
+            bright = im.norm(100 * grid[i, j]) > 0.6  # viridis turns yellow: dark text there
+            ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", color="k" if bright else "w",
+                    fontsize=8)
     fig.colorbar(im, label=f"validation {metric} (%)")
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=110)
@@ -365,7 +373,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with base.main_process_first(desc="building the matching pairs"):
         pairs = load_pairs(margs, base.seed if margs.pairs_seed is None else margs.pairs_seed)
     if margs.stage == "sweep":
-        return run_sweep(margs, base, pairs, out)
+        return run_sweep(margs, base, pairs, out, command=command)
     runners = {"teacher": run_teacher, "baseline": run_baseline, "distill": run_distill}
     for stage in stages:
         runners[stage](margs, base, pairs, out, command=command)

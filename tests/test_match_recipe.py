@@ -80,23 +80,33 @@ def test_baseline_and_distilled_start_from_the_same_weights(fmnist_dir):  # noqa
         assert torch.equal(p, q), name
 
 
-def test_cached_teacher_logits_train_the_same_student(trained, fmnist_dir, tiny_hf_clip_dir):  # noqa: F811
+def test_cached_teacher_logits_train_the_same_student(trained, fmnist_dir, tiny_hf_clip_dir, tmp_path):  # noqa: F811
     out, rows = trained
-    cached = match_student.main(recipe_argv(out, fmnist_dir, tiny_hf_clip_dir, "distill", 3,
-                                            "--cache_teacher_logits", "true"))
-    live, again = rows[2], cached[2]
+    (tmp_path / "teacher").symlink_to(out / "teacher")  # a separate folder: the fixture's students stay as they are
+
+    def distill(*extra):
+        return match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "distill", 3, *extra))[-1]
+
+    # logit term only: the cached logits replace the teacher, and train the same student
+    live, cached = distill("--feature_weight", "0"), distill("--feature_weight", "0", "--cache_teacher_logits", "true")
+    assert live["feature_weight"] == 0.0
     for metric in ("accuracy", "f1", "roc_auc"):
-        assert again[metric] == pytest.approx(live[metric], abs=1e-6)
-    assert again["eval_loss"] == pytest.approx(live["eval_loss"], rel=1e-4)
+        assert cached[metric] == pytest.approx(live[metric], abs=1e-6)
+    assert cached["eval_loss"] == pytest.approx(live["eval_loss"], rel=1e-4)
+    # with the feature term (the config's default) the cache cannot serve: the teacher runs live, same student
+    featured = distill("--cache_teacher_logits", "true")
+    assert featured["feature_weight"] == 1.0 and featured["eval_loss"] == pytest.approx(rows[2]["eval_loss"], rel=1e-4)
 
 
 def test_sweep_writes_the_grid(trained, fmnist_dir, tiny_hf_clip_dir):  # noqa: F811
     out, _ = trained
-    runs = match_student.main(recipe_argv(out, fmnist_dir, tiny_hf_clip_dir, "sweep", 2,
+    runs = match_student.main(recipe_argv(out, fmnist_dir, tiny_hf_clip_dir, "sweep", 2, "--feature_weight", "0",
                                           "--sweep_alphas", "0.25,0.75", "--sweep_temperatures", "3"))
     assert [(r["alpha"], r["temperature"]) for r in runs] == [(0.25, 3.0), (0.75, 3.0)]
+    assert all(r["feature_weight"] == 0.0 for r in runs)
     sweep = json.loads((out / "sweep.json").read_text())
     assert sweep["runs"] == runs
+    assert all("--stage sweep" in r["command"] for r in runs)  # each cell says how to reproduce it
     md = (out / "sweep.md").read_text()
     assert f"| 0.75 | {100 * runs[1]['f1']:.2f} |" in md
     assert (out / "sweep.png").stat().st_size > 1000
@@ -149,6 +159,8 @@ def test_every_student_folder_gets_a_card_with_its_results_as_model_index(traine
     distilled = read_card(out / "distilled" / "README.md").text
     assert "T = 3" in distilled and "hinton2015distilling" in distilled and "| `soft` | 0.5 |" in distilled
     assert "trained alone" not in distilled
+    assert "| `image_feature`, `text_feature` | 1.0 |" in distilled  # the config's feature term, with its weight
+    assert "(+ feature projections " in distilled
     baseline = read_card(out / "baseline" / "README.md").text
     assert "--stage all" in baseline  # trained by the fixture's launch, whatever later launches retrained
     assert "trained alone" in baseline and "`soft`" not in baseline and "| `hard` | 1.0 |" in baseline
@@ -163,7 +175,10 @@ def test_card_parameter_counts_come_from_the_weights(trained):
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["image"] == sum(p.numel() for p in model.image_encoder.parameters())
     assert counts["text"] == sum(p.numel() for p in model.text_encoder.parameters())
-    assert counts["head"] == sum(p.numel() for p in model.head.parameters()) and counts["projection"] == 0
+    assert counts["head"] == sum(p.numel() for p in model.head.parameters())
+    # the config's feature term gives the distilled student its projections; they are counted apart
+    projections = sum(p.numel() for m in (model.image_projection, model.text_projection) for p in m.parameters())
+    assert counts["projection"] == projections > 0
 
 
 def test_gap_closed_is_worked_out_from_the_three_accuracies(trained):
