@@ -110,7 +110,7 @@ def half_depth_config(cfg: dict) -> dict:
 
 def write_data(root: Path, n: int, image_size: int, seed: int = 0) -> tuple[list[str], list[str], Path]:
     """n deterministic RGB shape images as PNG files with captions, plus open_clip_train's tab-separated CSV."""
-    from mmkd.data.synthetic import shapes_dataset
+    from mmkd.data.shapes import shapes_dataset
 
     ds = shapes_dataset(n, image_size=image_size, seed=seed)
     img_dir = root / "images"

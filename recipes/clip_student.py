@@ -24,13 +24,13 @@ Push the student to the Hub at the end of training with Trainer's own options:
 The recipe, not Trainer, pushes: Trainer with ``push_to_hub`` would create the repository over the network in its
 constructor (failing an offline machine before the first step) and upload every checkpoint. Here training and the
 local save never touch the network; once the student is saved, the main process writes its model card
-(``README.md``, naming the repository) and uploads one commit through ``mmkd.push.push_folder``: weights, config,
+(``README.md``, naming the repository) and uploads one commit through ``mmkd.hub.push_folder``: weights, config,
 processor, card and the run's JSON records, never checkpoints, optimizer states or ``runs/``. So ``--hub_strategy``
 has no effect (no intermediate pushes), ``--hub_model_id`` defaults to the output folder's name in the token's
 namespace, ``--hub_revision`` picks the branch, and ``training_config.json`` records ``push_to_hub: false`` (a re-run
 from it does not push again). A failed push (no network, ``HF_HUB_OFFLINE``, a refused token) ends the run with one
 line and exit status 1 after the student is saved; push the folder later with
-``python -m mmkd.push out/vit-b32-half --repo-id me/clip-vit-b32-half``.
+``mmkd push out/vit-b32-half --repo-id me/clip-vit-b32-half``.
 """
 
 from __future__ import annotations
@@ -43,20 +43,26 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import set_seed
 
-from mmkd import recipe_args
-from mmkd.cards import hardware_description
+from mmkd import args as recipe_args
+from mmkd.args import command_line, write_training_config
 from mmkd.data import CLIPDistillationCollator
 from mmkd.data.cache import cache_teacher_embeddings
+from mmkd.data.sources import DataArguments, describe_dataset, load_train_dataset
 from mmkd.distributed import shutdown
-from mmkd.recipe_args import DataArguments, load_train_dataset, write_training_config
+from mmkd.reporting.hardware import hardware_description
 from mmkd.students import build_student, count_parameters
 from mmkd.teachers import load_teacher
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
 
 
-# 1. Arguments and data (shared with the other recipes) -----------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> tuple[DataArguments, CLIPDistillationConfig]:
-    return recipe_args.parse_args(argv, DataArguments, CLIPDistillationConfig)
+# 1. Arguments, teacher and student --------------------------------------------------------------------------------
+def parse_args(
+    argv: list[str] | None = None,
+    config_class: type[CLIPDistillationConfig] = CLIPDistillationConfig,
+    data_class: type[DataArguments] = DataArguments,
+) -> tuple[DataArguments, CLIPDistillationConfig]:
+    """The data arguments and the training config of ``argv`` (an optional YAML ``--config`` under the command line)."""
+    return recipe_args.parse_args(argv, data_class, config_class)
 
 
 def build_models(args: CLIPDistillationConfig):
@@ -71,25 +77,32 @@ def build_models(args: CLIPDistillationConfig):
         strategy=args.student_init,
         teacher_name=teacher.name,
         seed=args.seed,
+        strategies=args.layer_strategies,
     )
     counts = {"teacher": count_parameters(full), "student": count_parameters(student)}
     return teacher, student, processor, init, counts
 
 
-def main(argv: list[str] | None = None) -> dict:
-    data_args, args = parse_args(argv)
-    # The recipe pushes once, after saving (section 7); Trainer never sees push_to_hub (see the module docstring).
+def main(
+    argv: list[str] | None = None,
+    config_class: type[CLIPDistillationConfig] = CLIPDistillationConfig,
+    data_class: type[DataArguments] = DataArguments,
+) -> dict:
+    """Run the recipe; ``config_class`` / ``data_class`` are subclasses with more loss terms, layer strategies or
+    data sources in their tables (see :mod:`mmkd.trainers.base` and :mod:`mmkd.data.sources`)."""
+    data_args, args = parse_args(argv, config_class, data_class)
+    # The recipe pushes once, after saving (section 6); Trainer never sees push_to_hub (see the module docstring).
     push_to_hub, args.push_to_hub = args.push_to_hub, False
     if args.teacher_name_or_path is None:
         raise SystemExit("--teacher_name_or_path is required: the student's architecture is derived from it")
     set_seed(args.seed)
     start = time.time()
 
-    # 3. Teacher and student ----------------------------------------------------------------------------------------
+    # 2. Teacher and student ----------------------------------------------------------------------------------------
     teacher, student, processor, init, counts = build_models(args)
     teacher_params, student_params = counts["teacher"], counts["student"]
 
-    # 4. Data -------------------------------------------------------------------------------------------------------
+    # 3. Data -------------------------------------------------------------------------------------------------------
     with args.main_process_first(desc="loading the training set"):
         train_dataset = load_train_dataset(data_args)
     use_cache = data_args.teacher_cache_dir is not None and args.needs_teacher
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         text_column=data_args.text_column,
     )
 
-    # 5. Train ------------------------------------------------------------------------------------------------------
+    # 4. Train ------------------------------------------------------------------------------------------------------
     trainer = CLIPDistillationTrainer(
         model=student,
         teacher=teacher if args.needs_teacher and not use_cache else None,
@@ -125,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the logged losses, for plots and the model card
 
-    # 6. Summary ----------------------------------------------------------------------------------------------------
+    # 5. Summary ----------------------------------------------------------------------------------------------------
     summary = {
         "teacher": {"name": teacher.name, "backend": teacher.backend, "parameters": teacher_params},
         "student": {"parameters": student_params, "init": asdict(init)},
@@ -138,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_time_s": round(time.time() - start, 1),
         "hardware": hardware_description(),
         "data": asdict(data_args),
+        "data_description": describe_dataset(data_args),
+        "losses": args.loss_card_rows(),  # the card's objective table, from the trainer's loss table
     }
     if trainer.is_world_process_zero():
         Path(args.output_dir, "training_summary.json").write_text(json.dumps(summary, indent=2))
@@ -148,32 +163,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"{trainer.state.global_step} steps on {summary['world_size']} process(es) in {summary['wall_time_s']} s"
         )
 
-    # 7. Push to the Hub (main process only) ------------------------------------------------------------------------
+    # 6. Push to the Hub (main process only) ------------------------------------------------------------------------
     if push_to_hub and trainer.is_world_process_zero():
         import sys
 
-        from mmkd.push import PushError, command_line, push_folder
+        from mmkd.hub import push_trained
 
+        command = command_line("recipes/clip_student.py", sys.argv[1:] if argv is None else argv)
         repo_id = args.hub_model_id or Path(args.output_dir).absolute().name  # Trainer's default
-        if args.hub_strategy not in ("end", "every_save"):
-            print(f"--hub_strategy {args.hub_strategy.value}: the recipe pushes the final student only, no checkpoints")
-        try:
-            url = push_folder(
-                args.output_dir,
-                repo_id,
-                token=args.hub_token,
-                private=args.hub_private_repo,
-                revision=args.hub_revision,
-                commit_message="End of training",
-                command=command_line("recipes/clip_student.py", sys.argv[1:] if argv is None else argv),
-            )
-        except (PushError, OSError, ValueError) as err:
-            # The student is saved; leave with one line. The other ranks wait in shutdown()'s barrier: join it
-            # so the process group ends cleanly.
-            shutdown()
-            raise SystemExit(" ".join(str(err).split())) from None
-        summary["hub_commit_url"] = url
-        print(f"pushed {args.output_dir} to the Hub: {url}")
+        summary["hub_commit_url"] = push_trained(args.output_dir, repo_id, args, command)
     return summary
 
 

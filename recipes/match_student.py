@@ -31,18 +31,23 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 from accelerate import PartialState
-from transformers import CLIPProcessor, set_seed
+from transformers import set_seed
 
-from mmkd import recipe_args
-from mmkd.cards import hardware_description, match_student_card_data, render_match_student_card
+from mmkd.args import command_line, parse_args, write_training_config
+from mmkd.data.cache import cache_teacher_embeddings
+from mmkd.data.collators import MatchCollator
+from mmkd.data.preprocessing import processor_preprocessing
+from mmkd.data.sources import PairDataArguments, load_pairs
 from mmkd.distributed import shutdown
-from mmkd.matching import CLIPMatcher, ResNetMiniLMMatcher, load_text_tokenizer
-from mmkd.matching.collator import TEACHER_LOGITS, MatchCollator, clip_inputs, student_inputs
-from mmkd.matching.metrics import compute_metrics
-from mmkd.matching.trainer import MatchDistillationConfig, MatchDistillationTrainer
-from mmkd.teachers import load_teacher
+from mmkd.eval.match_metrics import compute_metrics
+from mmkd.reporting.cards import match_student_card_data, render_match_student_card
+from mmkd.reporting.hardware import hardware_description
+from mmkd.reporting.tables import markdown_table, pct
+from mmkd.students import ResNetMiniLMMatcher, load_text_tokenizer
+from mmkd.teachers import load_teacher, load_transformers_clip
+from mmkd.teachers.matcher import CLIPMatcher
+from mmkd.trainers.match_distillation import MatchDistillationConfig, MatchDistillationTrainer
 
 STAGES = ("teacher", "baseline", "distill", "all", "sweep")
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc")
@@ -51,25 +56,7 @@ METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc")
 @dataclass
 class MatchArguments:
     stage: str = field(default="all", metadata={"help": f"One of {STAGES}."})
-    # data
-    dataset: str = field(
-        default="fashion_mnist",
-        metadata={"help": "fashion_mnist (offline pairs; mismatches from another class), coco (the official files "
-                  "in --data_dir), or a DatasetDict saved with save_to_disk (train/validation; image, text, label)."},
-    )
-    data_dir: str | None = field(default=None, metadata={"help": "Fashion-MNIST IDX folder or COCO root."})
-    max_train_examples: int | None = field(default=None, metadata={"help": "Cap on the training pairs."})
-    max_eval_examples: int | None = field(default=None, metadata={"help": "Cap on the validation pairs."})
-    pairs_seed: int | None = field(
-        default=None, metadata={"help": "Seed of the pair construction (default: --seed). Fix it to vary only the "
-                                "students' initialisation and data order with --seed (a seed study)."}
-    )
-    # teacher
-    clip_name_or_path: str | None = field(
-        default=None, metadata={"help": "The CLIP to fine-tune: any mmkd teacher spec (open_clip name, checkpoint, "
-                                "hf-hub:, transformers id or directory)."}
-    )
-    clip_pretrained: str | None = field(default=None, metadata={"help": "open_clip pretrained tag or checkpoint."})
+    # teacher stage (the CLIP to fine-tune is --teacher_name_or_path)
     teacher_head: str = field(default="cosine", metadata={"help": "cosine (a·cos + b) or mlp."})
     teacher_epochs: float = field(default=5.0, metadata={"help": "Epochs of the teacher fine-tuning."})
     teacher_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of the teacher."})
@@ -89,39 +76,8 @@ class MatchArguments:
     distill_epochs: float = field(default=10.0, metadata={"help": "Epochs of the distillation."})
     distill_learning_rate: float = field(default=1e-5, metadata={"help": "Learning rate of the distillation."})
     stage_max_steps: int = field(default=-1, metadata={"help": "If > 0: steps of every stage instead of epochs."})
-    cache_teacher_logits: bool = field(
-        default=False, metadata={"help": "Compute the teacher's logits on the training pairs once, then distil "
-                                 "without running the teacher (always on for the sweep; off when feature_weight > 0, whose "
-                                 "term needs the teacher's embeddings)."}
-    )
     sweep_alphas: str = field(default="0.25,0.5,0.75", metadata={"help": "α values of the sweep."})
     sweep_temperatures: str = field(default="1,2,3,5", metadata={"help": "T values of the sweep."})
-
-
-# 1. Data -----------------------------------------------------------------------------------------------------------
-def load_pairs(margs: MatchArguments, seed: int) -> datasets.DatasetDict:
-    if margs.dataset == "fashion_mnist":
-        from mmkd.data.matching import fashion_mnist_matching
-
-        return fashion_mnist_matching(margs.data_dir, seed=seed, max_train_examples=margs.max_train_examples,
-                                      max_eval_examples=margs.max_eval_examples)
-    if margs.dataset == "coco":
-        if margs.data_dir is None:
-            raise SystemExit("--dataset coco needs --data_dir: the COCO root (annotations/ and the image folders)")
-        from mmkd.data import build_coco_matching
-
-        pairs = build_coco_matching(margs.data_dir, seed=seed)
-    elif Path(margs.dataset).is_dir():
-        pairs = datasets.load_from_disk(margs.dataset)
-    else:
-        raise SystemExit(f"--dataset {margs.dataset!r}: expected fashion_mnist, coco or a save_to_disk folder")
-    for split in ("train", "validation"):
-        if split not in pairs:
-            raise SystemExit(f"--dataset {margs.dataset!r} has no {split!r} split (it has {list(pairs)})")
-    caps = {"train": margs.max_train_examples, "validation": margs.max_eval_examples}
-    return datasets.DatasetDict({
-        s: pairs[s].select(range(min(caps[s], len(pairs[s])))) if caps[s] else pairs[s] for s in ("train", "validation")
-    })
 
 
 # 2. Stages ---------------------------------------------------------------------------------------------------------
@@ -145,7 +101,9 @@ def build_student(margs: MatchArguments, seed: int, feature_dim: int | None = No
     )
 
 
-def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, margs, command="") -> dict[str, Any]:
+def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, args, command="") -> dict[str, Any]:
+    """Train one stage, save it and its records, evaluate it on the validation pairs; returns its results row."""
+    margs, data_args = args
     start = time.time()
     trainer = MatchDistillationTrainer(
         model=model, teacher=teacher, args=cfg, train_dataset=pairs["train"], eval_dataset=pairs["validation"],
@@ -156,6 +114,8 @@ def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, ma
     trainer.save_model()
     trainer.save_state()
     metrics = trainer.evaluate()
+    source = data_args.sources.get(data_args.dataset_name)
+    what = source.describe(data_args) if source else f"the image-text pairs of `{data_args.dataset_name}`"
     result = {
         "model": name,
         "parameters": sum(p.numel() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()),
@@ -168,89 +128,80 @@ def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, ma
         "learning_rate": cfg.learning_rate, "feature_weight": cfg.feature_weight,
         "num_eval_pairs": len(pairs["validation"]), "hardware": hardware_description(),
         "command": command,  # the launch that trained this model: its card's reproduce line
+        # what the model card says of the data and the loss, from the tables they came from
+        "training_data": f"{what}; train split, {len(pairs['train']):,} pairs",
+        "evaluation_data": f"{what}; validation split, {len(pairs['validation']):,} pairs",
+        "dataset_id": source.hub_id if source and source.hub_id else Path(data_args.dataset_name).name,
+        "losses": cfg.loss_card_rows(),
     }
     if trainer.is_world_process_zero():
         for obj in saveables:
             obj.save_pretrained(cfg.output_dir)
         Path(cfg.output_dir, "eval_results.json").write_text(json.dumps(result, indent=2))
-        recipe_args.write_training_config(cfg, margs)  # what the model card and a re-run read
+        write_training_config(cfg, margs, data_args)  # what the model card and a re-run read
     return result
 
 
-def run_teacher(margs, base, pairs, out: Path, command: str = "") -> dict[str, Any]:
-    if margs.clip_name_or_path is None:
-        raise SystemExit("--clip_name_or_path is required for the teacher stage: the CLIP to fine-tune")
-    processor = load_teacher(margs.clip_name_or_path, pretrained=margs.clip_pretrained).transformers_processor()
+def run_teacher(args, base, pairs, out: Path, command: str = "") -> dict[str, Any]:
+    margs, _ = args
+    if base.teacher_name_or_path is None:
+        raise SystemExit("--teacher_name_or_path is required for the teacher stage: the CLIP to fine-tune")
+    clip, processor, _ = load_transformers_clip(base.teacher_name_or_path, pretrained=base.teacher_pretrained)
     set_seed(base.seed)
-    model = CLIPMatcher.from_clip(margs.clip_name_or_path, pretrained=margs.clip_pretrained, head=margs.teacher_head)
+    model = CLIPMatcher.from_clip(clip, head=margs.teacher_head)
     cfg = stage_config(base, out / "teacher", alpha=0.0, feature_weight=0.0,
                        learning_rate=margs.teacher_learning_rate, **_budget(margs, margs.teacher_epochs))
     return train_and_evaluate("teacher (CLIP matcher)", model, None, cfg, pairs,
-                              MatchCollator(clip_inputs(processor)), [processor], margs, command)
+                              MatchCollator(processor_preprocessing(processor)), [processor], args, command)
 
 
 def load_trained_teacher(out: Path):
     folder = out / "teacher"
     if not (folder / "config.json").is_file():
         raise SystemExit(f"no fine-tuned teacher in {folder}: run --stage teacher first")
-    return CLIPMatcher.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    return load_teacher(str(folder))
 
 
-def run_baseline(margs, base, pairs, out: Path, command: str = "") -> dict[str, Any]:
+def run_baseline(args, base, pairs, out: Path, command: str = "") -> dict[str, Any]:
+    margs, _ = args
     model, tokenizer = build_student(margs, base.seed), load_text_tokenizer(margs.text_encoder)
     cfg = stage_config(base, out / "baseline", alpha=0.0, feature_weight=0.0,
                        learning_rate=margs.baseline_learning_rate, **_budget(margs, margs.baseline_epochs))
     return train_and_evaluate("baseline (ResNet+MiniLM alone)", model, None, cfg, pairs,
-                              MatchCollator(student_inputs(model, tokenizer)), [tokenizer], margs, command)
+                              MatchCollator(model.preprocessing(tokenizer)), [tokenizer], args, command)
 
 
-def add_teacher_logits(pairs: datasets.Dataset, teacher, processor, batch_size: int) -> datasets.Dataset:
-    """The teacher's logit of every training pair as a ``teacher_logits`` column (deterministic preprocessing)."""
-    inputs = clip_inputs(processor)
-    device = PartialState().device
-    teacher = teacher.to(device).eval()
-
-    def logits(batch):
-        with torch.no_grad():
-            t = inputs.texts(batch["text"])
-            out = teacher(pixel_values=inputs.images(batch["image"]).to(device),
-                          input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device))
-        return {TEACHER_LOGITS: out.logits.float().cpu().tolist()}
-
-    return pairs.map(logits, batched=True, batch_size=batch_size, desc="teacher logits")
+def cached_pairs(pairs: datasets.DatasetDict, teacher, cache_dir: str | Path, batch_size: int) -> datasets.DatasetDict:
+    """The training pairs with the teacher's CLIP embeddings as columns (:mod:`mmkd.data.cache`: keyed by the
+    teacher's weights, preprocessing and the pairs, computed once); the validation pairs stay as they are."""
+    train = cache_teacher_embeddings(pairs["train"], teacher.to(PartialState().device), cache_dir,
+                                     batch_size=batch_size, accelerator=PartialState())
+    return datasets.DatasetDict(train=train, validation=pairs["validation"])
 
 
-def run_distill(margs, base, pairs, out: Path, folder: str = "distilled", cached_train=None, command: str = "",
-                **loss) -> dict:
-    teacher, processor = load_trained_teacher(out)
-    feature_dim = teacher.config.clip_config.projection_dim if base.feature_weight > 0 else None
+def run_distill(args, base, pairs, out: Path, folder: str = "distilled", command: str = "", **loss) -> dict:
+    margs, data_args = args
+    teacher = load_trained_teacher(out)
+    feature_dim = teacher.model.config.clip_config.projection_dim if base.feature_weight > 0 else None
     model, tokenizer = build_student(margs, base.seed, feature_dim), load_text_tokenizer(margs.text_encoder)
-    if cached_train is None and margs.cache_teacher_logits and base.feature_weight == 0:
-        cached_train = add_teacher_logits(pairs["train"], teacher, processor, base.per_device_eval_batch_size)
-    elif margs.cache_teacher_logits and base.feature_weight > 0 and PartialState().is_main_process:
-        print("--cache_teacher_logits: ignored, the feature term (feature_weight > 0) needs the teacher's embeddings, "
-              "so the teacher runs live")
-    data = pairs if cached_train is None else datasets.DatasetDict(train=cached_train, validation=pairs["validation"])
+    if data_args.teacher_cache_dir is not None and "teacher_image_embeds" not in pairs["train"].column_names:
+        # Training batches then never run the teacher; the validation pairs (eval loss) still do.
+        pairs = cached_pairs(pairs, teacher, data_args.teacher_cache_dir, base.per_device_eval_batch_size)
     cfg = stage_config(base, out / folder, learning_rate=margs.distill_learning_rate,
                        **_budget(margs, margs.distill_epochs), **loss)
-    # Training batches with cached logits never run the teacher; the validation pairs (eval loss) still do.
-    collator = MatchCollator(student_inputs(model, tokenizer), clip_inputs(processor))
-    return train_and_evaluate("distilled (ResNet+MiniLM from CLIP)", model, teacher, cfg, data, collator, [tokenizer],
-                              margs, command)
+    collator = MatchCollator(model.preprocessing(tokenizer), teacher.inputs())
+    return train_and_evaluate("distilled (ResNet+MiniLM from CLIP)", model, teacher, cfg, pairs, collator, [tokenizer],
+                              args, command)
 
 
 # 3. Tables ---------------------------------------------------------------------------------------------------------
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}"
-
-
 def results_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | parameters | accuracy | precision | recall | F1 | ROC-AUC | steps | training time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['parameters']:,} | " + " | ".join(_pct(r[m]) for m in METRIC_NAMES)
-                     + f" | {r['global_step']} | {r['train_time_s']:.0f} |")
-    return "\n".join(lines)
+    header = ("model", "parameters", "accuracy", "precision", "recall", "F1", "ROC-AUC", "steps", "training time (s)")
+    return markdown_table(header, [
+        (r["model"], f"{r['parameters']:,}", *(pct(r[m]) for m in METRIC_NAMES), r["global_step"],
+         f"{r['train_time_s']:.0f}")
+        for r in rows
+    ])
 
 
 def write_results(out: Path, rows: list[dict[str, Any]], title: str) -> None:
@@ -258,55 +209,34 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str) -> None:
     (out / "results.md").write_text(f"# {title}\n\nValidation pairs, metrics in %.\n\n{results_table(rows)}\n")
 
 
-def run_sweep(margs, base, pairs, out: Path, command: str = "") -> list[dict[str, Any]]:
+def run_sweep(args, base, pairs, out: Path, command: str = "") -> list[dict[str, Any]]:
+    """The α × T grid of distillation runs; the teacher's embeddings are cached once for all of them."""
+    margs, data_args = args
     alphas = [float(a) for a in margs.sweep_alphas.split(",")]
     temperatures = [float(t) for t in margs.sweep_temperatures.split(",")]
-    cached = None
-    if base.feature_weight == 0:  # logits alone suffice; the feature term needs the teacher's embeddings: live
-        teacher, processor = load_trained_teacher(out)
-        cached = add_teacher_logits(pairs["train"], teacher, processor, base.per_device_eval_batch_size)
-    rows = []
-    for a in alphas:
-        for t in temperatures:
-            r = run_distill(margs, base, pairs, out, folder=f"sweep/alpha{a:g}_T{t:g}", cached_train=cached,
-                            command=command, alpha=a, temperature=t)
-            rows.append(r)
+    cache_dir = data_args.teacher_cache_dir or out / "teacher_cache"
+    pairs = cached_pairs(pairs, load_trained_teacher(out), cache_dir, base.per_device_eval_batch_size)
+    rows = [run_distill(args, base, pairs, out, folder=f"sweep/alpha{a:g}_T{t:g}", command=command, alpha=a,
+                        temperature=t)
+            for a in alphas for t in temperatures]
     if PartialState().is_main_process:
         write_sweep(out, rows, alphas, temperatures)
     return rows
 
 
 def write_sweep(out: Path, rows, alphas, temperatures, metric: str = "f1") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from mmkd.reporting.plots import sweep_heatmap
 
     grid = np.array([[next(r[metric] for r in rows if r["alpha"] == a and r["temperature"] == t) or np.nan
                       for t in temperatures] for a in alphas])
-    lines = ["| α \\ T | " + " | ".join(f"{t:g}" for t in temperatures) + " |",
-             "|---|" + "---|" * len(temperatures)]
-    lines += [f"| {a:g} | " + " | ".join(f"{100 * v:.2f}" for v in row) + " |"
-              for a, row in zip(alphas, grid, strict=True)]
-    (out / "sweep.md").write_text(f"# Distillation sweep: validation {metric} (%)\n\n" + "\n".join(lines) + "\n")
+    table = markdown_table(["α \\ T", *(f"{t:g}" for t in temperatures)],
+                           [(f"{a:g}", *(pct(v) for v in row)) for a, row in zip(alphas, grid, strict=True)])
+    (out / "sweep.md").write_text(f"# Distillation sweep: validation {metric} (%)\n\n{table}\n")
     (out / "sweep.json").write_text(json.dumps({"metric": metric, "alphas": alphas, "temperatures": temperatures,
                                                 "runs": rows}, indent=2))
-    fig, ax = plt.subplots(figsize=(1.2 * len(temperatures) + 2, 0.9 * len(alphas) + 1.5))
-    im = ax.imshow(100 * grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
-    ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-    ax.set_xlabel("temperature T")
-    ax.set_ylabel("α")
-    for i in range(len(alphas)):
-        for j in range(len(temperatures)):
-            bright = im.norm(100 * grid[i, j]) > 0.6  # viridis turns yellow: dark text there
-            ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", color="k" if bright else "w",
-                    fontsize=8)
-    fig.colorbar(im, label=f"validation {metric} (%)")
-    fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=110)
-    plt.close(fig)
+    sweep_heatmap(grid, alphas, temperatures, metric, out / "sweep.png")
 
 
 # 4. Cards and push ------------------------------------------------------------------------------------------------
@@ -343,25 +273,13 @@ def hub_repo_id(base: MatchDistillationConfig, folder: str) -> str:
     return base.hub_model_id or f"{Path(base.output_dir).absolute().name}-{folder}"
 
 
-def push_student(base: MatchDistillationConfig, folder: Path, command: str) -> str:
-    from mmkd.push import PushError, push_folder
-
-    try:
-        return push_folder(folder, hub_repo_id(base, folder.name), token=base.hub_token,
-                           private=base.hub_private_repo, revision=base.hub_revision,
-                           commit_message="End of training", command=command)
-    except (PushError, OSError, ValueError) as err:
-        shutdown()  # the other ranks wait in shutdown()'s barrier
-        raise SystemExit(" ".join(str(err).split())) from None
-
-
 # 5. Main -----------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import sys
 
-    from mmkd.push import command_line
+    from mmkd.hub import push_trained
 
-    margs, base = recipe_args.parse_args(argv, MatchArguments, MatchDistillationConfig)
+    margs, data_args, base = parse_args(argv, MatchArguments, PairDataArguments, MatchDistillationConfig)
     if margs.stage not in STAGES:
         raise SystemExit(f"--stage {margs.stage!r}: expected one of {', '.join(STAGES)}")
     stages = ("teacher", "baseline", "distill") if margs.stage == "all" else (margs.stage,)
@@ -370,24 +288,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     push = pushed_folder(stages) if push_to_hub else None  # a wrong stage fails before any training
     command = command_line("recipes/match_student.py", sys.argv[1:] if argv is None else argv)
     out = Path(base.output_dir)
+    if data_args.pairs_seed is None:
+        data_args.pairs_seed = base.seed
     with base.main_process_first(desc="building the matching pairs"):
-        pairs = load_pairs(margs, base.seed if margs.pairs_seed is None else margs.pairs_seed)
+        pairs = load_pairs(data_args)
+    args = (margs, data_args)
     if margs.stage == "sweep":
-        return run_sweep(margs, base, pairs, out, command=command)
+        return run_sweep(args, base, pairs, out, command=command)
     runners = {"teacher": run_teacher, "baseline": run_baseline, "distill": run_distill}
     for stage in stages:
-        runners[stage](margs, base, pairs, out, command=command)
+        runners[stage](args, base, pairs, out, command=command)
     # The table holds every model trained so far in this output folder (stages may run in separate launches).
     rows = [json.loads((out / f / "eval_results.json").read_text())
             for f in ("teacher", *STUDENT_FOLDERS) if (out / f / "eval_results.json").is_file()]
     if PartialState().is_main_process:
-        write_results(out, rows, f"Match distillation on {margs.dataset}")
+        write_results(out, rows, f"Match distillation on {data_args.dataset_name}")
         repo_ids = {push: hub_repo_id(base, push)} if push else {}
         write_cards(out, rows, repo_ids)
         print("\n" + results_table(rows))
         if push:
-            url = push_student(base, out / push, command)
-            print(f"pushed {out / push} to the Hub: {url}")
+            push_trained(out / push, hub_repo_id(base, push), base, command)
     return rows
 
 

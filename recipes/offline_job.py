@@ -29,15 +29,14 @@ from typing import Any
 
 import yaml
 from accelerate import PartialState
+from transformers.trainer_utils import get_last_checkpoint
 
-from mmkd import recipe_args
+from mmkd.args import import_script, parse_args
 from mmkd.distributed import shutdown
 
 RECIPES = Path(__file__).resolve().parent
-sys.path.insert(0, str(RECIPES))
-
-import clip_student  # noqa: E402
-import train_teacher  # noqa: E402
+clip_student = import_script(RECIPES / "clip_student.py")
+train_teacher = import_script(RECIPES / "train_teacher.py")
 
 STAGE_RECORD = "mmkd_job_stage.json"
 
@@ -113,11 +112,6 @@ def stage_argvs(job: JobArguments) -> dict[str, list[str]]:
     return {"teacher": teacher, "distilled": [*student, "--output_dir", str(out / "distilled")], "scratch": scratch}
 
 
-def _last_checkpoint(folder: Path) -> Path | None:
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return checkpoints[-1] if checkpoints else None
-
-
 def run_stage(name: str, main, argv: list[str], folder: Path, overwrite: bool, state: PartialState) -> dict:
     """Run one recipe unless ``folder`` holds a finished run of the same arguments; resume an interrupted one."""
     record_path = folder / STAGE_RECORD
@@ -127,9 +121,10 @@ def run_stage(name: str, main, argv: list[str], folder: Path, overwrite: bool, s
         print(f"[{name}] reusing the finished run in {folder} (same arguments; --overwrite true retrains)")
         return json.loads((folder / "training_summary.json").read_text())
     extra: list[str] = []
-    if same and not overwrite and _last_checkpoint(folder) is not None:
-        print(f"[{name}] resuming the interrupted run from {_last_checkpoint(folder)}")
-        extra = ["--resume_from_checkpoint", str(_last_checkpoint(folder))]
+    last = get_last_checkpoint(str(folder)) if same and not overwrite and folder.is_dir() else None
+    if last is not None:
+        print(f"[{name}] resuming the interrupted run from {last}")
+        extra = ["--resume_from_checkpoint", last]
     elif state.is_main_process and folder.exists():
         if record is None and any(folder.iterdir()):
             raise SystemExit(f"{folder} exists and was not written by this job; choose another --output_dir")
@@ -172,72 +167,26 @@ def _layers(folder: Path) -> str:
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
-    header = ("| model | layers (vision+text) | parameters | training steps | training time (s) | acc@1 (%) | "
-              "acc@5 (%) | mean per-class recall (%) | acc@1 / teacher's | bias: WEAT d | bias: ρ vs teacher |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in rows:
-        def f(x, spec=".2f"):
-            return "n/a" if x is None else format(x, spec)
+    from mmkd.reporting.tables import markdown_table, pct
 
-        lines.append(
-            f"| {r['model']} | {r['layers']} | {r['parameters']:,} | {r['steps']} | {r['train_time_s']:.0f} | "
-            f"{100 * r['acc1']:.2f} | {100 * r['acc5']:.2f} | {100 * r['mean_per_class_recall']:.2f} | "
-            f"{f(r['acc1_of_teacher'], '.1%')} | {f(r['bias_effect_size'])} | {f(r['bias_spearman_vs_teacher'])} |"
-        )
-    return "\n".join(lines)
+    def f(x, spec=".2f"):
+        return "n/a" if x is None else format(x, spec)
 
-
-def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    x = np.arange(len(rows))
-    for i, (key, label) in enumerate((("acc1", "acc@1"), ("acc5", "acc@5"))):
-        values = [100 * r[key] for r in rows]
-        bars = ax.bar(x + (i - 0.5) * 0.38, values, 0.38, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks(x, [f"{r['model']}\n{r['layers']} layers, {r['parameters'] / 1e6:.1f} M" for r in rows])
-    ax.set_ylabel("zero-shot accuracy on the test split (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(loc="lower right")
-    ax.set_title("Fashion-MNIST zero-shot accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_losses(folders: dict[str, Path], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(folders), figsize=(4.2 * len(folders), 3.4), squeeze=False)
-    for ax, (name, folder) in zip(axes[0], folders.items(), strict=True):
-        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
-        terms = sorted({k for h in history for k in h if k == "loss" or k.startswith("loss_")})
-        for term in terms:
-            points = [(h["step"], h[term]) for h in history if term in h]
-            ax.plot(*zip(*points, strict=True), label=term, lw=2 if term == "loss" else 1)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("training loss (weighted terms)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    header = ("model", "layers (vision+text)", "parameters", "training steps", "training time (s)", "acc@1 (%)",
+              "acc@5 (%)", "mean per-class recall (%)", "acc@1 / teacher's", "bias: WEAT d", "bias: ρ vs teacher")
+    return markdown_table(header, [
+        (r["model"], r["layers"], f"{r['parameters']:,}", r["steps"], f"{r['train_time_s']:.0f}", pct(r["acc1"]),
+         pct(r["acc5"]), pct(r["mean_per_class_recall"]), f(r["acc1_of_teacher"], ".1%"), f(r["bias_effect_size"]),
+         f(r["bias_spearman_vs_teacher"]))
+        for r in rows
+    ])
 
 
 def report(job: JobArguments, folders: dict[str, Path], summaries: dict[str, dict], evals: dict[str, dict],
            command: str) -> dict[str, Any]:
-    from mmkd.cards import bias_summary, clip_student_card_data, render_clip_student_card
-    from mmkd.eval.bias import compare_bias, plot_bias
+    from mmkd.eval.bias import compare_bias
+    from mmkd.reporting.cards import bias_summary, clip_student_card_data, render_clip_student_card
+    from mmkd.reporting.plots import accuracy_bars, bias_plot, loss_curves
 
     out = Path(job.output_dir)
     teacher_acc1 = evals["teacher"]["zeroshot"]["acc1"]
@@ -257,9 +206,9 @@ def report(job: JobArguments, folders: dict[str, Path], summaries: dict[str, dic
         })
     table = results_table(rows)
     plots = {
-        "accuracy": plot_accuracy(rows, out / "zeroshot_accuracy.png").name,
-        "losses": plot_losses(folders, out / "training_loss.png").name,
-        "bias": plot_bias(evals["teacher"]["bias"], compare_to=evals["distilled"]["bias"], path=out / "bias.png",
+        "accuracy": accuracy_bars(rows, out / "zeroshot_accuracy.png").name,
+        "losses": loss_curves(folders, out / "training_loss.png").name,
+        "bias": bias_plot(evals["teacher"]["bias"], compare_to=evals["distilled"]["bias"], path=out / "bias.png",
                           labels=("teacher", "distilled")).name,
     }
     results = {
@@ -300,7 +249,7 @@ def report(job: JobArguments, folders: dict[str, Path], summaries: dict[str, dic
 
 # 4. The job -----------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    (job,) = recipe_args.parse_args(argv, JobArguments)
+    (job,) = parse_args(argv, JobArguments)
     state = PartialState()
     command = "accelerate launch --num_processes 1 recipes/offline_job.py " + shlex.join(
         sys.argv[1:] if argv is None else argv

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from mmkd import recipe_args
-from mmkd.cards import hardware_description
+from mmkd.args import parse_args, write_training_config
 from mmkd.data import CLIPDistillationCollator
+from mmkd.data.sources import DataArguments, load_train_dataset
 from mmkd.distributed import shutdown
-from mmkd.recipe_args import DataArguments, load_train_dataset, write_training_config
+from mmkd.reporting.hardware import hardware_description
 from mmkd.students import count_parameters
 from mmkd.teachers import load_teacher
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
@@ -41,7 +41,7 @@ class ArchitectureArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    data_args, arch, args = recipe_args.parse_args(argv, DataArguments, ArchitectureArguments, CLIPDistillationConfig)
+    data_args, arch, args = parse_args(argv, DataArguments, ArchitectureArguments, CLIPDistillationConfig)
     if args.needs_teacher:
         raise SystemExit(
             "train_teacher trains from scratch: set image_distill_weight, text_distill_weight and affinity_weight to 0"

@@ -53,7 +53,7 @@ def tiny_hf_clip_dir(tmp_path_factory) -> Path:
     """A random 4+4-layer transformers CLIPModel with a processor, saved like a hub repository."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from mmkd.convert import open_clip_tokenizer_to_transformers
+    from mmkd.interop.to_transformers import open_clip_tokenizer_to_transformers
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-hf-clip")

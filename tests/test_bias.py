@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmkd import cli
 from mmkd.eval.bias import (
     DEFAULT_PROFESSIONS,
     BiasReport,
@@ -18,12 +19,16 @@ from mmkd.eval.bias import (
     compare_bias,
     gender_profession_bias,
     load_word_lists,
-    main,
-    plot_bias,
     weat_effect_size,
     weat_p_value,
 )
+from mmkd.reporting.plots import bias_plot
 from tests.conftest import REPO, TINY_OPEN_CLIP_CONFIG
+
+
+def main(argv: list[str]) -> int:
+    """``mmkd bias ...`` in-process: the command's exit status."""
+    return cli.main(["bias", *argv])
 
 
 class FakeEncoder:
@@ -226,7 +231,7 @@ def test_plot_single_and_comparison(tmp_path):
     teacher = bias_of(SCORES, SPLIT)
     student = bias_of({**SCORES, "miner": -0.05, "nanny": 0.2}, SPLIT)
     for name, kw in (("single.png", {}), ("compare.png", {"compare_to": student})):
-        out = plot_bias(teacher, path=tmp_path / "plots" / name, **kw)
+        out = bias_plot(teacher, path=tmp_path / "plots" / name, **kw)
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with Image.open(out) as img:
             img.verify()

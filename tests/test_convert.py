@@ -1,4 +1,4 @@
-"""Tests for mmkd.convert: exact open_clip -> transformers CLIP conversion (model, tokenizer, image processor)."""
+"""Tests for mmkd.interop.to_transformers: exact open_clip -> transformers CLIP conversion (model, tokenizer, image processor)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from mmkd.convert import (
+from mmkd.interop.to_transformers import (
     OPENCLIP_EOS_TOKEN_ID,
     image_processor_from_open_clip,
     open_clip_processor,

@@ -19,10 +19,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mmkd.distributed import gather_no_grad, gather_with_grad, get_rank_and_world_size, shutdown
-from mmkd.losses import (
+from mmkd.losses import CombinedLoss, LossInputs
+from mmkd.losses.clip import (
     AffinityDistillationLoss,
     CLIPContrastiveLoss,
-    CLIPDistillationLoss,
     affinity_distillation_loss,
     clip_contrastive_loss,
 )
@@ -83,14 +83,18 @@ def _worker_body(rank: int) -> dict[str, object]:
 
     contrastive = CLIPContrastiveLoss()
     affinity = AffinityDistillationLoss(temperature=TEMPERATURE)
-    combo = CLIPDistillationLoss([contrastive, affinity])
+    combo = CombinedLoss([contrastive, affinity])
 
     # Both ranks must issue the same collectives in the same order, including the backward all-to-alls.
-    c_loss = contrastive(s_img, s_txt, logit_scale=log_scale.exp())["contrastive"]
+    c_loss = contrastive(LossInputs(student_image=s_img, student_text=s_txt, logit_scale=log_scale.exp()))[
+        "contrastive"
+    ]
     out["contrastive"] = c_loss.detach()
     out["contrastive_grads"] = [g.detach() for g in torch.autograd.grad(c_loss, [s_img, s_txt, log_scale])]
 
-    a_loss = affinity(s_img, s_txt, t_img, t_txt)["affinity"]
+    a_loss = affinity(LossInputs(student_image=s_img, student_text=s_txt, teacher_image=t_img, teacher_text=t_txt))[
+        "affinity"
+    ]
     out["affinity"] = a_loss.detach()
     out["affinity_grads"] = [g.detach() for g in torch.autograd.grad(a_loss, [s_img, s_txt])]
 

@@ -1,4 +1,4 @@
-"""Tests for mmkd.export: a transformers CLIPModel (an mmkd student) exported as an open_clip checkpoint."""
+"""Tests for mmkd.interop.to_open_clip: a transformers CLIPModel (an mmkd student) exported as an open_clip checkpoint."""
 
 from __future__ import annotations
 
@@ -12,17 +12,22 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from mmkd.convert import open_clip_to_transformers, open_clip_tokenizer_to_transformers
-from mmkd.export import (
+from mmkd import cli
+from mmkd.interop.to_open_clip import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     clip_model_to_open_clip,
     export_open_clip,
-    main,
     preprocess_cfg_from_image_processor,
 )
+from mmkd.interop.to_transformers import open_clip_to_transformers, open_clip_tokenizer_to_transformers
 from mmkd.students import build_student
 from tests.conftest import TINY_OPEN_CLIP_CONFIG, tiny_clip_config
+
+
+def main(argv: list[str]) -> int:
+    """``mmkd export ...`` in-process: the command's exit status."""
+    return cli.main(["export", *argv])
 
 ATOL = 1e-5
 TEXTS = [
@@ -131,7 +136,7 @@ def test_round_trip_half_depth_student(half_depth_student, tmp_path):
 
 
 def test_full_round_trip_gives_back_the_open_clip_model(open_clip_teacher):
-    """open_clip -> CLIPModel (mmkd.convert) -> open_clip (mmkd.export): the same config and the same tensors."""
+    """open_clip -> CLIPModel (mmkd.interop.to_transformers) -> open_clip (mmkd.interop.to_open_clip): the same config and the same tensors."""
     original = open_clip_teacher.model
     cfg, sd = clip_model_to_open_clip(open_clip_to_transformers(original))
     expected = json.loads(TINY_OPEN_CLIP_CONFIG.read_text())
@@ -330,5 +335,5 @@ def test_cli_writes_the_files(tiny_student_dir, tmp_path, capsys):
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("mmkd.export: error:") and "\n" not in err and "nope" in err
+    assert err.startswith("mmkd export: error:") and "\n" not in err and "nope" in err
     assert not (tmp_path / "out").exists()

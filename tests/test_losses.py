@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from mmkd.losses import (
+from mmkd.losses import CombinedLoss, LossInputs, total_loss
+from mmkd.losses.clip import (
     AffinityDistillationLoss,
     CLIPContrastiveLoss,
-    CLIPDistillationLoss,
     EmbeddingDistillationLoss,
     TripletLoss,
     affinity_distillation_loss,
@@ -18,11 +18,15 @@ from mmkd.losses import (
     cosine_distance,
     embedding_mse,
     mine_negatives,
-    total_loss,
     triplet_loss,
 )
 
 DT = torch.float64
+
+
+def batch(si, st, ti=None, tt=None, logit_scale=None) -> LossInputs:
+    """The loss modules' input: student (and teacher) embeddings of one batch."""
+    return LossInputs(student_image=si, student_text=st, teacher_image=ti, teacher_text=tt, logit_scale=logit_scale)
 
 
 def t(rows: list[list[float]], grad: bool = False) -> torch.Tensor:
@@ -113,14 +117,14 @@ def test_triplet_module_seed_reproducible_and_symmetric() -> None:
     m1 = TripletLoss(margin=0.5, negatives="random", seed=11)
     m2 = TripletLoss(margin=0.5, negatives="random", seed=11)
     for _ in range(3):
-        a, b = m1(img, txt), m2(img, txt)
+        a, b = m1(batch(img, txt)), m2(batch(img, txt))
         assert a.keys() == {"triplet_i2t", "triplet_t2i"}
         assert all(torch.equal(a[k], b[k]) for k in a)
     # i2t and t2i are the same function with roles swapped
-    hard = TripletLoss(margin=0.5)(img, txt)
+    hard = TripletLoss(margin=0.5)(batch(img, txt))
     torch.testing.assert_close(hard["triplet_t2i"], triplet_loss(txt, img, img, margin=0.5))
-    torch.testing.assert_close(TripletLoss(margin=0.5)(txt, img)["triplet_i2t"], hard["triplet_t2i"])
-    assert TripletLoss(symmetric=False)(img, txt).keys() == {"triplet_i2t"}
+    torch.testing.assert_close(TripletLoss(margin=0.5)(batch(txt, img))["triplet_i2t"], hard["triplet_t2i"])
+    assert TripletLoss(symmetric=False)(batch(img, txt)).keys() == {"triplet_i2t"}
 
 
 def test_triplet_errors_name_values() -> None:
@@ -175,15 +179,18 @@ def test_embedding_losses_zero_when_identical_and_teacher_gets_no_grad() -> None
 
 def test_embedding_module_terms_and_weights() -> None:
     si, st, ti, tt = (torch.randn(3, 4, generator=torch.Generator().manual_seed(k)) for k in range(4))
-    terms = EmbeddingDistillationLoss()(si, st, ti, tt)
-    assert terms.keys() == {"image_mse", "image_cosine", "text_mse", "text_cosine"}
-    torch.testing.assert_close(terms["image_mse"], embedding_mse(si, ti))
-    torch.testing.assert_close(terms["text_cosine"], cosine_distance(st, tt))
+    image = EmbeddingDistillationLoss()(batch(si, st, ti, tt))
+    text = EmbeddingDistillationLoss(tower="text")(batch(si, st, ti, tt))
+    assert image.keys() == {"image_mse", "image_cosine"} and text.keys() == {"text_mse", "text_cosine"}
+    assert EmbeddingDistillationLoss().terms == ("image_mse", "image_cosine")
+    torch.testing.assert_close(image["image_mse"], embedding_mse(si, ti))
+    torch.testing.assert_close(text["text_cosine"], cosine_distance(st, tt))
 
-    weighted = EmbeddingDistillationLoss(kind="mse", image_weight=2.5, text_weight=0.0)(si, st, ti, None)
-    assert weighted.keys() == {"image_mse"}  # text weight 0: term dropped and teacher_text not needed
+    weighted = EmbeddingDistillationLoss(kind="mse", tower="image", weight=2.5)(batch(si, st, ti, None))
+    assert weighted.keys() == {"image_mse"}  # the image tower alone: teacher_text not needed
     torch.testing.assert_close(weighted["image_mse"], 2.5 * embedding_mse(si, ti))
-    assert EmbeddingDistillationLoss(kind="cosine")(si, st, ti, tt).keys() == {"image_cosine", "text_cosine"}
+    assert EmbeddingDistillationLoss(kind="mse", weight=0.0)(batch(si, st)) == {}  # weight 0: no teacher needed
+    assert EmbeddingDistillationLoss(kind="cosine", tower="text")(batch(si, st, ti, tt)).keys() == {"text_cosine"}
 
 
 def test_embedding_module_errors() -> None:
@@ -191,11 +198,13 @@ def test_embedding_module_errors() -> None:
         EmbeddingDistillationLoss(kind="l1")  # type: ignore[arg-type]
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="teacher_image"):
-        EmbeddingDistillationLoss()(x, x)
+        EmbeddingDistillationLoss()(batch(x, x))
     with pytest.raises(ValueError, match="teacher_text"):
-        EmbeddingDistillationLoss()(x, x, x, None)
+        EmbeddingDistillationLoss(tower="text")(batch(x, x, x, None))
     with pytest.raises(ValueError, match="-1"):
-        EmbeddingDistillationLoss(image_weight=-1)
+        EmbeddingDistillationLoss(weight=-1)
+    with pytest.raises(ValueError, match="'audio'"):
+        EmbeddingDistillationLoss(tower="audio")
     with pytest.raises(ValueError, match=r"\(2, 3\) and \(2, 4\)"):
         embedding_mse(x, torch.randn(2, 4))
 
@@ -243,13 +252,13 @@ def test_contrastive_gradients_reach_embeddings_and_learnable_scale() -> None:
 def test_contrastive_module_weight_and_errors() -> None:
     img, txt = torch.randn(3, 4), torch.randn(3, 4)
     module = CLIPContrastiveLoss(weight=0.5)
-    terms = module(img, txt, logit_scale=100.0)
+    terms = module(batch(img, txt, logit_scale=100.0))
     assert terms.keys() == {"contrastive"}
     torch.testing.assert_close(terms["contrastive"], 0.5 * clip_contrastive_loss(img, txt, 100.0))
     assert module.last_gathered_batch_size == 3  # single process: gathering is the identity
-    assert CLIPContrastiveLoss(weight=0.0)(img, txt) == {}
+    assert CLIPContrastiveLoss(weight=0.0)(batch(img, txt)) == {}
     with pytest.raises(ValueError, match="logit_scale"):
-        CLIPContrastiveLoss()(img, txt)
+        CLIPContrastiveLoss()(batch(img, txt))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,13 +344,13 @@ def test_affinity_module_weight_and_errors() -> None:
     g = torch.Generator().manual_seed(8)
     si, st, ti, tt = (torch.randn(3, 4, generator=g) for _ in range(4))
     module = AffinityDistillationLoss(temperature=0.1, weight=3.0)
-    terms = module(si, st, ti, tt)
+    terms = module(batch(si, st, ti, tt))
     assert terms.keys() == {"affinity"}
     torch.testing.assert_close(terms["affinity"], 3.0 * affinity_distillation_loss(si, st, ti, tt, 0.1))
     assert module.last_gathered_batch_size == 3
-    assert AffinityDistillationLoss(weight=0)(si, st) == {}
+    assert AffinityDistillationLoss(weight=0)(batch(si, st)) == {}
     with pytest.raises(ValueError, match="teacher_image"):
-        AffinityDistillationLoss()(si, st)
+        AffinityDistillationLoss()(batch(si, st))
     with pytest.raises(ValueError, match="-0.5"):
         AffinityDistillationLoss(temperature=-0.5)
     with pytest.raises(ValueError, match="3 vs 2"):
@@ -357,16 +366,17 @@ def test_combinator_merges_and_reports_gathered_size() -> None:
     g = torch.Generator().manual_seed(9)
     si, st = (torch.randn(4, 6, generator=g, requires_grad=True) for _ in range(2))
     ti, tt = (torch.randn(4, 6, generator=g) for _ in range(2))
-    combo = CLIPDistillationLoss(
+    combo = CombinedLoss(
         [
             TripletLoss(weight=0.5),
-            EmbeddingDistillationLoss(kind="mse"),
+            EmbeddingDistillationLoss(kind="mse", tower="image"),
+            EmbeddingDistillationLoss(kind="mse", tower="text"),
             CLIPContrastiveLoss(),
             AffinityDistillationLoss(weight=2.0),
         ]
     )
     assert combo.last_gathered_batch_size is None  # nothing computed yet
-    terms = combo(si, st, ti, tt, logit_scale=torch.tensor(50.0))
+    terms = combo(batch(si, st, ti, tt, logit_scale=torch.tensor(50.0)))
     assert terms.keys() == {"triplet_i2t", "triplet_t2i", "image_mse", "text_mse", "contrastive", "affinity"}
     assert combo.last_gathered_batch_size == 4
     loss = total_loss(terms)
@@ -379,9 +389,9 @@ def test_combinator_merges_and_reports_gathered_size() -> None:
 def test_combinator_and_total_errors() -> None:
     x = torch.randn(3, 4)
     with pytest.raises(ValueError, match="triplet_i2t"):
-        CLIPDistillationLoss([TripletLoss(), TripletLoss(margin=0.1)])(x, x)
+        CombinedLoss([TripletLoss(), TripletLoss(margin=0.1)])(batch(x, x))
     with pytest.raises(ValueError, match="empty"):
-        CLIPDistillationLoss([])
+        CombinedLoss([])
     with pytest.raises(ValueError, match="empty"):
         total_loss({})
 

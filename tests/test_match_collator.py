@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 from transformers import BertConfig, CLIPProcessor
 
-from mmkd.matching import ResNetMiniLMMatcher, load_text_tokenizer
-from mmkd.matching.collator import TEACHER_LOGITS, MatchCollator, clip_inputs, student_inputs
+from mmkd.data.collators import MatchCollator
+from mmkd.data.preprocessing import processor_preprocessing
+from mmkd.students import ResNetMiniLMMatcher, load_text_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def examples():
 
 def test_two_input_sets(student, tiny_hf_clip_dir):
     tokenizer, processor = load_text_tokenizer(), CLIPProcessor.from_pretrained(tiny_hf_clip_dir)
-    batch = MatchCollator(student_inputs(student, tokenizer), clip_inputs(processor))(examples())
+    batch = MatchCollator(student.preprocessing(tokenizer), processor_preprocessing(processor))(examples())
     assert batch["pixel_values"].shape == (3, 3, 48, 48)  # the student's transform (grey images made RGB)
     assert batch["teacher_pixel_values"].shape == (3, 3, 32, 32)  # the CLIP processor's
     texts = [e["text"] for e in examples()]
@@ -39,16 +40,18 @@ def test_two_input_sets(student, tiny_hf_clip_dir):
     assert torch.allclose(batch["pixel_values"][1], expected)
 
 
-def test_cached_teacher_logits_replace_the_teacher_inputs(student, tiny_hf_clip_dir):
-    rows = [{**e, TEACHER_LOGITS: float(i)} for i, e in enumerate(examples())]
-    batch = MatchCollator(student_inputs(student, load_text_tokenizer()),
-                          clip_inputs(CLIPProcessor.from_pretrained(tiny_hf_clip_dir)))(rows)
-    assert batch[TEACHER_LOGITS].tolist() == [0.0, 1.0, 2.0]
+def test_cached_teacher_embeddings_replace_the_teacher_inputs(student, tiny_hf_clip_dir):
+    rows = [{**e, "teacher_image_embeds": [float(i)] * 4, "teacher_text_embeds": [-float(i)] * 4}
+            for i, e in enumerate(examples())]
+    batch = MatchCollator(student.preprocessing(load_text_tokenizer()),
+                          processor_preprocessing(CLIPProcessor.from_pretrained(tiny_hf_clip_dir)))(rows)
+    assert batch["teacher_image_embeds"][:, 0].tolist() == [0.0, 1.0, 2.0]
+    assert batch["teacher_text_embeds"].shape == (3, 4)
     assert not any(k.startswith("teacher_pixel") or k.startswith("teacher_input") for k in batch)
 
 
 def test_bad_rows(student):
-    collator = MatchCollator(student_inputs(student, load_text_tokenizer()))
+    collator = MatchCollator(student.preprocessing(load_text_tokenizer()))
     with pytest.raises(KeyError, match="'label'"):
         collator([{"image": Image.new("RGB", (8, 8)), "text": "x"}])
     with pytest.raises(ValueError, match="0 \\(mismatch\\) or 1"):

@@ -8,15 +8,29 @@ import warnings
 import pytest
 import torch
 
-from mmkd.losses import total_loss
-from mmkd.matching.losses import (
-    MatchDistillationLoss,
-    feature_distillation,
+from mmkd.losses import LossInputs, total_loss
+from mmkd.losses.clip import embedding_mse
+from mmkd.losses.match import (
+    SoftLogitLoss,
     hard_label_loss,
     sigmoid_bce_distillation,
     softmax_one_logit_distillation,
     two_class_kl_distillation,
 )
+from mmkd.trainers import MatchDistillationConfig
+
+
+class MatchDistillationLoss:
+    """The match trainer's loss, built from its table (``MatchDistillationConfig.build_loss``), called with the
+    pair's logits: ``(student_logits, labels, teacher_logits=None, student_image=..., ...)``."""
+
+    def __init__(self, **loss_options):
+        self.config = MatchDistillationConfig(output_dir="unused", **loss_options)
+        self.module = self.config.build_loss()
+
+    def __call__(self, student_logits, labels, teacher_logits=None, **embeddings):
+        return self.module(LossInputs(student_logits=student_logits, labels=labels, teacher_logits=teacher_logits,
+                                      **embeddings))
 
 # The worked example used throughout: s = 2, t = −1, T = 2, y = 1.
 #   s/T = 1     -> σ(1)    = 0.7310586,  ln σ(1) = −0.3132617,  ln(1 − σ(1)) = ln 0.2689414 = −1.3132617
@@ -135,7 +149,7 @@ def test_feature_distillation_golden_and_teacher_detached():
     # diffs = [[1, 0], [0, −2]] -> MSE = (1 + 0 + 0 + 4) / 4 = 1.25
     student = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
     teacher = torch.tensor([[0.0, 2.0], [3.0, 6.0]], requires_grad=True)
-    loss = feature_distillation(student, teacher)
+    loss = embedding_mse(student, teacher)  # the feature term's maths
     assert loss.item() == pytest.approx(1.25)
     loss.backward()
     assert teacher.grad is None
@@ -194,9 +208,9 @@ def test_label_and_feature_shape_errors():
     with pytest.raises(ValueError, match=r"student_logits and labels.*\(4,\) and \(3,\)"):
         hard_label_loss(torch.zeros(4), torch.zeros(3))
     with pytest.raises(ValueError, match=r"same shape.*\(2, 3\) and \(2, 4\)"):
-        feature_distillation(torch.zeros(2, 3), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match=r"teacher_embeds must be a 2-D.*\(2,\)"):
-        feature_distillation(torch.zeros(2, 3), torch.zeros(2))
+        embedding_mse(torch.zeros(2, 3), torch.zeros(2, 4))  # the feature term's maths
+    with pytest.raises(ValueError, match=r"teacher must be a 2-D.*\(2,\)"):
+        embedding_mse(torch.zeros(2, 3), torch.zeros(2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,8 +219,8 @@ def test_label_and_feature_shape_errors():
 
 
 def test_module_default_is_the_research_setting_golden():
-    loss_fn = _no_warning_loss()
-    assert (loss_fn.alpha, loss_fn.temperature, loss_fn.form, loss_fn.t2_scaling, loss_fn.feature_weight) == (
+    cfg = _no_warning_loss().config
+    assert (cfg.alpha, cfg.temperature, cfg.distill_form, cfg.t2_scaling, cfg.feature_weight) == (
         0.5, 3.0, "sigmoid_bce", False, 0.0
     )
     # α = 0.5, T = 2 on the worked example: hard = 0.5·0.1269280 = 0.0634640, soft = 0.5·0.9357210 = 0.4678605
@@ -218,7 +232,7 @@ def test_module_default_is_the_research_setting_golden():
 
 
 def test_module_kl_form_golden():
-    terms = MatchDistillationLoss(alpha=0.25, temperature=TEMP, form="kl_two_class")(
+    terms = MatchDistillationLoss(alpha=0.25, temperature=TEMP, distill_form="kl_two_class")(
         _t(S), torch.tensor([1.0]), _t(T_LOGIT)
     )
     # hard = 0.75·0.1269280 = 0.0951960, soft = 0.25·0.2728737 = 0.0682184
@@ -231,8 +245,8 @@ def test_module_kl_form_golden():
 def test_t2_scaling_multiplies_the_soft_term_by_t_squared(form, temperature):
     torch.manual_seed(0)
     s, t, y = torch.randn(8), 3 * torch.randn(8), (torch.rand(8) > 0.5).long()
-    plain = MatchDistillationLoss(alpha=0.5, temperature=temperature, form=form)(s, y, t)
-    scaled = MatchDistillationLoss(alpha=0.5, temperature=temperature, form=form, t2_scaling=True)(s, y, t)
+    plain = MatchDistillationLoss(alpha=0.5, temperature=temperature, distill_form=form)(s, y, t)
+    scaled = MatchDistillationLoss(alpha=0.5, temperature=temperature, distill_form=form, t2_scaling=True)(s, y, t)
     # α = 0.5 is a power of two, so α·d is exact and both sides round the same real α·T²·d once: bitwise equal.
     assert torch.equal(scaled["soft"], plain["soft"] * temperature**2)
     assert torch.equal(scaled["hard"], plain["hard"])  # the hard term never gets T²
@@ -267,7 +281,7 @@ def test_alpha_one_gives_only_soft():
 
 def test_softmax_one_logit_module_warns_and_is_zero():
     with pytest.warns(UserWarning, match="identically zero.*no learning signal"):
-        loss_fn = MatchDistillationLoss(alpha=1.0, form="softmax_one_logit")
+        loss_fn = MatchDistillationLoss(alpha=1.0, distill_form="softmax_one_logit")
     s = _t(2.0, -3.0, grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning per forward, only at construction
@@ -310,13 +324,13 @@ def test_module_backward_reaches_student_only():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"alpha": -0.1}, "alpha must be in \\[0, 1\\], got -0.1"),
-        ({"alpha": 1.5}, "alpha must be in \\[0, 1\\], got 1.5"),
-        ({"alpha": float("nan")}, "alpha must be in \\[0, 1\\], got nan"),
-        ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
-        ({"temperature": -3}, "temperature must be > 0, got -3"),
-        ({"form": "softmax"}, "form must be one of .*'sigmoid_bce'.*got 'softmax'"),
-        ({"feature_weight": -1.0}, "feature_weight must be >= 0, got -1.0"),
+        ({"alpha": -0.1}, "alpha=-0.1: must be in \\[0, 1\\]"),
+        ({"alpha": 1.5}, "alpha=1.5: must be in \\[0, 1\\]"),
+        ({"alpha": float("nan")}, "alpha=nan: must be in \\[0, 1\\]"),
+        ({"temperature": 0.0}, "temperature=0.0: must be > 0"),
+        ({"temperature": -3}, "temperature=-3: must be > 0"),
+        ({"distill_form": "softmax"}, "distill_form='softmax': choose one of sigmoid_bce"),
+        ({"feature_weight": -1.0}, "feature_weight=-1.0: must be >= 0"),
     ],
 )
 def test_module_constructor_errors(kwargs, message):
@@ -326,25 +340,25 @@ def test_module_constructor_errors(kwargs, message):
 
 def test_module_missing_inputs_errors():
     s, y = torch.zeros(2), torch.tensor([1, 0])
-    with pytest.raises(ValueError, match="requires teacher_logits when alpha > 0 \\(alpha=0.5\\)"):
+    with pytest.raises(ValueError, match="SoftLogitLoss requires teacher_logits"):
         MatchDistillationLoss()(s, y)
-    with pytest.raises(ValueError, match="requires student_image when feature_weight > 0"):
+    with pytest.raises(ValueError, match="FeatureDistillationLoss requires student_image"):
         MatchDistillationLoss(alpha=0.0, feature_weight=1.0)(s, y)
-    with pytest.raises(ValueError, match="requires teacher_text when feature_weight > 0"):
+    with pytest.raises(ValueError, match="FeatureDistillationLoss requires teacher_text"):
         MatchDistillationLoss(alpha=0.0, feature_weight=1.0)(
             s, y, student_image=torch.zeros(2, 3), student_text=torch.zeros(2, 3), teacher_image=torch.zeros(2, 3)
         )
     with pytest.raises(ValueError, match=r"student_logits and labels.*\(2,\) and \(3,\)"):
-        MatchDistillationLoss(alpha=1.0)(s, torch.tensor([1, 0, 1]), torch.zeros(2))
+        MatchDistillationLoss(alpha=0.5)(s, torch.tensor([1, 0, 1]), torch.zeros(2))
     with pytest.raises(ValueError, match=r"student_logits and teacher_logits.*\(2,\) and \(3,\)"):
         MatchDistillationLoss()(s, y, torch.zeros(3))
 
 
 def test_module_metadata():
-    loss_fn = MatchDistillationLoss(alpha=0.25, temperature=2.0, t2_scaling=True)
+    loss_fn = SoftLogitLoss(weight=0.25, temperature=2.0, t2_scaling=True)
     assert "hinton2015distilling" in loss_fn.citation
     assert "Fysikoudi" in loss_fn.citation
-    assert loss_fn.soft_scale == pytest.approx(0.25 * 4.0)
+    assert loss_fn.scale == pytest.approx(0.25 * 4.0)
     assert "form='sigmoid_bce'" in repr(loss_fn) and "t2_scaling=True" in repr(loss_fn)
-    assert not list(loss_fn.parameters())
-    assert math.isclose(MatchDistillationLoss().soft_scale, 0.5)
+    assert not list(MatchDistillationLoss(alpha=0.25, feature_weight=1.0).module.parameters())
+    assert math.isclose(SoftLogitLoss().scale, 0.5)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from mmkd.matching.metrics import METRIC_SCRIPTS, METRICS, compute_metrics, load_metric, match_metrics
+from mmkd.eval.match_metrics import METRIC_SCRIPTS, METRICS, compute_metrics, load_metric, match_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +200,7 @@ _LOADER = textwrap.dedent(
     socket.create_connection = _deny
     socket.getaddrinfo = _deny
 
-    from mmkd.matching.metrics import METRICS, load_metric, match_metrics
+    from mmkd.eval.match_metrics import METRICS, load_metric, match_metrics
 
     for name in METRICS:
         load_metric(name)

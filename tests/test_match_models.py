@@ -11,15 +11,13 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, CLIPConfig, CLIPModel
 
-from mmkd.matching import (
-    CLIPMatcher,
-    CLIPMatcherConfig,
-    MatcherOutput,
+from mmkd.students.resnet_minilm import (
     ResNetMiniLMConfig,
     ResNetMiniLMMatcher,
+    default_text_encoder_path,
     load_text_tokenizer,
 )
-from mmkd.matching.models import default_text_encoder_path
+from mmkd.teachers.matcher import CLIPMatcher, CLIPMatcherConfig, MatcherOutput
 from tests.conftest import TINY_OPEN_CLIP_CONFIG
 
 B = 4
@@ -197,7 +195,7 @@ def test_clip_matcher_bad_input():
     model = CLIPMatcher.from_clip(tiny_clip())
     with pytest.raises(ValueError, match=r"\(4, 16\) and \(4, 8\)"):
         model.logits_from_embeddings(torch.randn(4, 16), torch.randn(4, 8))
-    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"shapes \(4,\) and \(3,\)"):
         model(**clip_batch(), labels=torch.tensor([1, 0, 1]))
 
 

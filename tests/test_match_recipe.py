@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import CLIPProcessor
 
-from mmkd.matching import CLIPMatcher, ResNetMiniLMMatcher, load_text_tokenizer
-from mmkd.matching.collator import MatchCollator, student_inputs
-from mmkd.matching.metrics import match_metrics
+from mmkd.data.collators import MatchCollator
+from mmkd.eval.match_metrics import match_metrics
+from mmkd.students import ResNetMiniLMMatcher, load_text_tokenizer
+from mmkd.teachers.matcher import CLIPMatcher
 from tests.conftest import REPO, load_recipe
 from tests.test_offline_job import fmnist_dir  # noqa: F401  (fixture: tiny Fashion-MNIST IDX files)
 from tests.test_push import hub  # noqa: F401  (fixture: the local stand-in of the Hub)
@@ -24,8 +25,8 @@ match_student = load_recipe("match_student")
 
 def recipe_argv(out, data_dir, clip_dir, stage="all", steps=3, *extra):
     return ["--config", str(REPO / "recipes/configs/match_fashion_mnist.yaml"), "--stage", stage,
-            "--output_dir", str(out), "--data_dir", str(data_dir), "--clip_name_or_path", str(clip_dir),
-            "--max_train_examples", "48", "--max_eval_examples", "20", "--stage_max_steps", str(steps),
+            "--output_dir", str(out), "--data_dir", str(data_dir), "--teacher_name_or_path", str(clip_dir),
+            "--max_train_samples", "48", "--max_eval_samples", "20", "--stage_max_steps", str(steps),
             "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--save_strategy", "no",
             "--report_to", "none", "--use_cpu", "true", "--logging_steps", "1", *extra]
 
@@ -55,11 +56,11 @@ def test_three_experiments_and_the_table(trained, fmnist_dir):  # noqa: F811
     assert all(r["global_step"] == 3 for r in rows)
     assert rows[0]["alpha"] == rows[1]["alpha"] == 0.0 and rows[2]["alpha"] == 0.5 and rows[2]["temperature"] == 3.0
     # The table's numbers are the models' own: recompute the baseline's metrics from its saved weights.
-    from mmkd.data.matching import fashion_mnist_matching
+    from mmkd.data.pairs import fashion_mnist_matching
 
-    pairs = fashion_mnist_matching(fmnist_dir, seed=0, max_train_examples=48, max_eval_examples=20)
+    pairs = fashion_mnist_matching(fmnist_dir, seed=0, max_train_samples=48, max_eval_samples=20)
     student = ResNetMiniLMMatcher.from_pretrained(out / "baseline")
-    collator = MatchCollator(student_inputs(student, load_text_tokenizer(str(out / "baseline"))))
+    collator = MatchCollator(student.preprocessing(load_text_tokenizer(str(out / "baseline"))))
     logits, labels = predict(student, collator, pairs["validation"])
     direct = match_metrics(logits, labels)
     for metric in ("accuracy", "precision", "recall", "f1"):
@@ -80,21 +81,23 @@ def test_baseline_and_distilled_start_from_the_same_weights(fmnist_dir):  # noqa
         assert torch.equal(p, q), name
 
 
-def test_cached_teacher_logits_train_the_same_student(trained, fmnist_dir, tiny_hf_clip_dir, tmp_path):  # noqa: F811
+def test_cached_teacher_embeddings_train_the_same_student(trained, fmnist_dir, tiny_hf_clip_dir, tmp_path):  # noqa: F811
     out, rows = trained
     (tmp_path / "teacher").symlink_to(out / "teacher")  # a separate folder: the fixture's students stay as they are
 
     def distill(*extra):
         return match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "distill", 3, *extra))[-1]
 
-    # logit term only: the cached logits replace the teacher, and train the same student
-    live, cached = distill("--feature_weight", "0"), distill("--feature_weight", "0", "--cache_teacher_logits", "true")
+    # logit term only: the cached embeddings, put through the teacher's head, replace the teacher
+    cache = ["--teacher_cache_dir", str(tmp_path / "cache")]
+    live, cached = distill("--feature_weight", "0"), distill("--feature_weight", "0", *cache)
     assert live["feature_weight"] == 0.0
     for metric in ("accuracy", "f1", "roc_auc"):
         assert cached[metric] == pytest.approx(live[metric], abs=1e-6)
     assert cached["eval_loss"] == pytest.approx(live["eval_loss"], rel=1e-4)
-    # with the feature term (the config's default) the cache cannot serve: the teacher runs live, same student
-    featured = distill("--cache_teacher_logits", "true")
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # one keyed cache, written once
+    # with the feature term (the config's default) the same cache serves both terms: the same student as live
+    featured = distill(*cache)
     assert featured["feature_weight"] == 1.0 and featured["eval_loss"] == pytest.approx(rows[2]["eval_loss"], rel=1e-4)
 
 
@@ -167,7 +170,7 @@ def test_every_student_folder_gets_a_card_with_its_results_as_model_index(traine
 
 
 def test_card_parameter_counts_come_from_the_weights(trained):
-    from mmkd.cards import match_parameter_counts
+    from mmkd.reporting.cards import match_parameter_counts
 
     out, _ = trained
     model = ResNetMiniLMMatcher.from_pretrained(out / "distilled")
@@ -182,7 +185,7 @@ def test_card_parameter_counts_come_from_the_weights(trained):
 
 
 def test_gap_closed_is_worked_out_from_the_three_accuracies(trained):
-    from mmkd.cards import match_student_card_data, render_match_student_card
+    from mmkd.reporting.cards import match_student_card_data, render_match_student_card
 
     out, _ = trained
     own = json.loads((out / "distilled" / "eval_results.json").read_text())
@@ -199,7 +202,7 @@ def test_gap_closed_is_worked_out_from_the_three_accuracies(trained):
 
 
 def test_a_card_needs_a_match_student_folder(trained):
-    from mmkd.cards import match_student_card_data
+    from mmkd.reporting.cards import match_student_card_data
 
     out, _ = trained
     with pytest.raises(ValueError, match="mmkd_clip_matcher"):
@@ -214,7 +217,7 @@ def test_push_to_hub_sends_the_distilled_student_and_it_loads_by_id(trained, fmn
 
     from transformers import AutoTokenizer
 
-    from mmkd import push as P
+    from mmkd import hub as P
 
     src, _ = trained
     out = tmp_path / "run"
@@ -242,7 +245,7 @@ def test_push_to_hub_sends_the_distilled_student_and_it_loads_by_id(trained, fmn
 def test_push_of_a_match_folder_without_card_writes_the_match_card(trained, hub, tmp_path):  # noqa: F811
     import shutil
 
-    from mmkd import push as P
+    from mmkd import hub as P
 
     src, _ = trained
     folder = Path(shutil.copytree(src / "baseline", tmp_path / "baseline"))
@@ -265,9 +268,9 @@ def test_pairs_seed_fixes_the_pairs_while_seed_varies_the_student(tmp_path, fmni
     seen = []
     real = match_student.load_pairs
 
-    def spy(margs, seed):
-        seen.append(seed)
-        return real(margs, seed)
+    def spy(data_args):
+        seen.append(data_args.pairs_seed)
+        return real(data_args)
 
     monkeypatch.setattr(match_student, "load_pairs", spy)
     with pytest.raises(SystemExit, match="run --stage teacher first"):  # stops right after building the pairs
@@ -281,7 +284,7 @@ def test_pairs_seed_fixes_the_pairs_while_seed_varies_the_student(tmp_path, fmni
 def test_a_match_folder_without_its_tokenizer_is_refused_before_any_network_call(trained, tmp_path):
     import shutil
 
-    from mmkd import push as P
+    from mmkd import hub as P
 
     src, _ = trained
     folder = Path(shutil.copytree(src / "distilled", tmp_path / "distilled"))

@@ -1,4 +1,4 @@
-"""mmkd.data.matching: balanced matching pairs from any captioned dataset (Fashion-MNIST offline)."""
+"""mmkd.data.pairs: balanced matching pairs from any captioned dataset (Fashion-MNIST offline)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmkd.data.matching import fashion_mnist_matching, matching_pairs
+from mmkd.data.pairs import fashion_mnist_matching, matching_pairs
 from tests.test_fashion_mnist import write_split
 
 

@@ -1,4 +1,4 @@
-"""mmkd.push and the recipe's --push_to_hub: what a student repository holds, the real huggingface_hub client
+"""mmkd.hub and the recipe's --push_to_hub: what a student repository holds, the real huggingface_hub client
 against a local stand-in of the Hub (tests/hub_standin.py), loading the pushed repository back by its id, and
 one-line failures that leave the local folder as it was."""
 
@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmkd import push as P
+from mmkd import hub as P
+from mmkd.args import command_line
 from tests.conftest import REPO, load_recipe
 from tests.hub_standin import HubStandIn
 
@@ -269,7 +270,7 @@ def test_an_mmkd_card_gets_the_repo_in_its_snippet_and_a_foreign_card_stays_as_i
 
 def test_the_card_command_never_carries_a_token():
     argv = ["--config", "c.yaml", "--hub_token", "hf_secret", "--hub_model_id", "me/x", "--hub_token=hf_other"]
-    command = P.command_line("recipes/clip_student.py", argv)
+    command = command_line("recipes/clip_student.py", argv)
     assert command == "accelerate launch recipes/clip_student.py --config c.yaml --hub_model_id me/x"
 
 

@@ -217,8 +217,8 @@ def test_recipe_reads_fashion_mnist_and_conceptual_captions(recipe, tmp_path):
 )
 def test_every_shipped_config_parses_with_its_recipe(config, script, tmp_path):
     """A typo in a YAML file nobody runs here (an unknown key, a bad value) fails this test."""
-    from mmkd import recipe_args
-    from mmkd.recipe_args import DataArguments
+    from mmkd.args import parse_args
+    from mmkd.data.sources import DataArguments
     from mmkd.trainers import CLIPDistillationConfig
 
     argv = ["--config", str(REPO / "recipes" / "configs" / config), "--output_dir", str(tmp_path), "--use_cpu", "true"]
@@ -227,7 +227,6 @@ def test_every_shipped_config_parses_with_its_recipe(config, script, tmp_path):
         data_args, args = module.parse_args(argv)
         assert args.teacher_name_or_path
     else:
-        data_args, arch, args = recipe_args.parse_args(argv, DataArguments, module.ArchitectureArguments,
-                                                       CLIPDistillationConfig)
+        data_args, arch, args = parse_args(argv, DataArguments, module.ArchitectureArguments, CLIPDistillationConfig)
         assert (REPO / arch.architecture).is_file() and not args.needs_teacher
     assert data_args.dataset_name and args.max_steps > 0

@@ -1,4 +1,4 @@
-"""Tests for mmkd.report: the teacher / student / int8 compression report, on tiny models (no timed assertions)."""
+"""Tests for mmkd.reporting.compression: the teacher / student / int8 compression report, on tiny models (no timed assertions)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,25 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
+from mmkd import cli
 from mmkd.eval.zeroshot import evaluate_zeroshot
-from mmkd.report import (
+from mmkd.reporting.compression import (
     TABLE_HEADER,
     compare_throughput,
     compression_report,
     format_report,
-    main,
-    plot_report,
     quantize_int8,
     size_on_disk,
     table_cells,
 )
+from mmkd.reporting.plots import compression_plot
 from mmkd.students import build_student
 from tests.conftest import tiny_clip_config
+
+
+def main(argv: list[str]) -> int:
+    """``mmkd report ...`` in-process: the command's exit status."""
+    return cli.main(["report", *argv])
 
 CLASSES = ["red", "green", "blue", "yellow", "white"]  # >= 5 classes, so acc@5 is reported
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 30), (240, 240, 240)]
@@ -182,7 +187,7 @@ def test_markdown_json_and_plot_agree(cli_report):
     assert report["machine"]["cpu_share"] > 0
     assert format_report(report) == markdown
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    points = plot_report(report, out / "again.png")
+    points = compression_plot(report, out / "again.png")
     assert points["acc1"] == [(r["model"], r["size_mb"], 100 * r["acc1"]) for r in report["rows"]]
     assert points["image_per_s"] == [(r["model"], r["size_mb"], r["image_per_s"]) for r in report["rows"]]
 
@@ -197,7 +202,7 @@ def test_dataset_none_skips_accuracy(pair, tmp_path, capsys):
     assert all(r["acc1"] is None for r in report["rows"])
     table = _table_rows(capsys.readouterr().out)
     assert all(cells[8] == cells[9] == "n/a" for cells in table)
-    assert set(plot_report(report, tmp_path / "p.png")) == {"image_per_s"}
+    assert set(compression_plot(report, tmp_path / "p.png")) == {"image_per_s"}
 
 
 # ------------------------------------------------------------------------------------------------- bad inputs
@@ -230,7 +235,7 @@ def test_bad_input_is_one_line_before_any_model(pair, tmp_path, capsys, no_model
     argv += [a.format(tmp=tmp_path) for a in extra]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("mmkd.report: error:") and "\n" not in err
+    assert err.startswith("mmkd report: error:") and "\n" not in err
     assert expected in err
 
 

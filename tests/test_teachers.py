@@ -129,7 +129,8 @@ def test_bad_teacher_specs_name_the_problem(tmp_path):
 
 def test_teacher_transformers_processor_and_inputs_signatures(teacher):
     """A student's processor derived from the teacher has the teacher's exact image preprocessing signature."""
-    from mmkd.teachers import image_signature_from_processor, vocab_signature
+    from mmkd.data.preprocessing import vocab_signature
+    from mmkd.interop.preprocessing import image_signature_from_processor
 
     proc = teacher.transformers_processor()
     inputs = teacher.inputs()

@@ -17,17 +17,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmkd.data.synthetic import COLORS, draw_shape
+from mmkd import cli
+from mmkd.data.preprocessing import Preprocessing
+from mmkd.data.shapes import COLORS, draw_shape
 from mmkd.eval.encoders import CLIPEncoder
 from mmkd.eval.zeroshot import (
     default_classnames,
     default_templates,
     evaluate_zeroshot,
-    main,
     zero_shot_classifier,
     zeroshot_metrics,
 )
-from mmkd.teachers import TeacherInputs
+
+
+def main(argv: list[str]) -> int:
+    """``mmkd zeroshot ...`` in-process: the command's exit status."""
+    return cli.main(["zeroshot", *argv])
+
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -69,7 +75,7 @@ def fake_encoder(image_table: torch.Tensor, text_table: dict[str, torch.Tensor])
 
     encoder = CLIPEncoder(
         nn.Linear(1, 1),
-        TeacherInputs(preprocess, tokenize, {}, "fake"),
+        Preprocessing(preprocess, tokenize, {}, "fake"),
         "fake",
         lambda px: image_table[px.view(-1).long()],  # (B, E)
         text_fn,

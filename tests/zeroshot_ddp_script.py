@@ -24,11 +24,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from mmkd.data.preprocessing import Preprocessing
 from mmkd.distributed import shutdown
 from mmkd.eval.datasets import load_classification_dataset
 from mmkd.eval.encoders import CLIPEncoder
 from mmkd.eval.zeroshot import evaluate_zeroshot
-from mmkd.teachers import TeacherInputs
 
 
 def toy_encoder(seed: int = 0) -> CLIPEncoder:
@@ -63,7 +63,7 @@ def toy_encoder(seed: int = 0) -> CLIPEncoder:
 
     return CLIPEncoder(
         model,
-        TeacherInputs(preprocess, tokenize, {}, "toy"),
+        Preprocessing(preprocess, tokenize, {}, "toy"),
         "toy",
         lambda px: model["image"](px.flatten(1)),  # (B, 16)
         text_fn,

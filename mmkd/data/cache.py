@@ -26,10 +26,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from mmkd.teachers import CLIPTeacher
+if TYPE_CHECKING:
+    from mmkd.teachers import FrozenTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class StaleCacheError(ValueError):
     """A cache exists but was written for another teacher, preprocessing or dataset."""
 
 
-def cache_key(teacher: CLIPTeacher, dataset, image_column: str, text_column: str) -> dict:
+def cache_key(teacher: FrozenTeacher, dataset, image_column: str, text_column: str) -> dict:
     """Everything the cached embeddings depend on, as a JSON-able dict."""
     inputs = teacher.inputs()
     key = {
@@ -78,7 +80,7 @@ def check_cache(path: str | Path, key: dict) -> None:
 
 
 @torch.no_grad()
-def _embed_shard(shard, teacher: CLIPTeacher, inputs, image_column: str, text_column: str, batch_size: int, device):
+def _embed_shard(shard, teacher: FrozenTeacher, inputs, image_column: str, text_column: str, batch_size: int, device):
     image_embeds, text_embeds = [], []
     for start in range(0, len(shard), batch_size):
         rows = shard[start : start + batch_size]
@@ -91,7 +93,7 @@ def _embed_shard(shard, teacher: CLIPTeacher, inputs, image_column: str, text_co
 
 def cache_teacher_embeddings(
     dataset,
-    teacher: CLIPTeacher,
+    teacher: FrozenTeacher,
     cache_dir: str | Path,
     *,
     image_column: str = "image",
@@ -159,7 +161,7 @@ def cache_teacher_embeddings(
     return datasets.concatenate_datasets([dataset, embeds], axis=1)
 
 
-def load_cached_embeddings(dataset, teacher: CLIPTeacher, path: str | Path, *, image_column="image", text_column="text"):
+def load_cached_embeddings(dataset, teacher: FrozenTeacher, path: str | Path, *, image_column="image", text_column="text"):
     """Attach the embeddings cached at ``path`` (a ``cache_dir/<digest>`` folder) after checking they fit."""
     import datasets
 

@@ -47,25 +47,21 @@ string (anything containing ``{``).
     >>> report = gender_profession_bias("openai/clip-vit-base-patch32")
     >>> student = gender_profession_bias("out/student")
     >>> compare_bias(report, student)["spearman_rho"]
-    >>> plot_bias(report, compare_to=student, path="bias.png")
+    >>> mmkd.reporting.plots.bias_plot(report, compare_to=student, path="bias.png")
 
 CLI: ``python -m mmkd.eval.bias --model out/student --compare-to openai/clip-vit-base-patch32 --plot bias.png``.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import itertools
-import json
-import logging
 import math
 import numbers
 import os
 import string
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,7 +417,7 @@ class BiasReport:
             raise ValueError(f"not a BiasReport dict (missing or bad field {e})") from e
 
 
-def _as_report(report) -> BiasReport:
+def as_report(report) -> BiasReport:
     if isinstance(report, BiasReport):
         return report
     if isinstance(report, Mapping):
@@ -566,7 +562,7 @@ def compare_bias(teacher_report, student_report) -> dict[str, Any]:
     """
     from scipy import stats
 
-    teacher, student = _as_report(teacher_report), _as_report(student_report)
+    teacher, student = as_report(teacher_report), as_report(student_report)
     common = [p for p in teacher.association if p in student.association]
     if len(common) < 2:
         raise ValueError(
@@ -612,404 +608,8 @@ def compare_bias(teacher_report, student_report) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- plot
 
-_COLOURS = {"male": "#2b6cb0", "female": "#dd6b20", None: "#8a8f98"}
-_FLIP = "#c53030"
-
-
-def _fmt(x: float | None, spec: str = ".2f") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def _weat_text(r: BiasReport) -> str:
-    return f"WEAT d = {_fmt(r.effect_size)}, p = {_fmt(r.p_value, '.3g')}"
-
-
-def _direction_labels(ax) -> None:
-    ax.axvline(0.0, color="black", linewidth=1.0, zorder=3)
-    kw = dict(transform=ax.transAxes, fontsize=9, color="#444444", va="bottom")
-    ax.text(0.99, 1.005, "male-associated →", ha="right", **kw)
-    ax.text(0.01, 1.005, "← female-associated", ha="left", **kw)
-
-
-def _bar_axes(ax, n: int, values: np.ndarray, xlabel: str) -> None:
-    """Shared look of the bar panels: symmetric x range around the zero line, direction labels, grid."""
-    m = float(np.abs(values).max()) * 1.12 or 1.0
-    ax.set_xlim(-m, m)
-    ax.set_ylim(-0.7, n - 0.3)
-    ax.set_xlabel(xlabel)
-    ax.grid(axis="x", color="#e2e8f0", zorder=0)
-    _direction_labels(ax)
-
-
-def _comparison_text(cmp: Mapping[str, Any], labels: tuple[str, str]) -> str:
-    k = cmp["top_k"]
-    lines = [
-        f"effect size change ({labels[1]} − {labels[0]}): {_fmt(cmp['effect_size_change'], '+.3f')}",
-        f"mean |association change|: {cmp['mean_abs_change']:.4f}",
-    ]
-    for side in ("male", "female"):
-        o = cmp[f"most_{side}_overlap"]
-        lines.append(f"top-{k} most {side}: {len(o['common'])}/{k} shared")
-        lines.append(f"  {labels[0][:14]:<14} {', '.join(o['teacher'])}")
-        lines.append(f"  {labels[1][:14]:<14} {', '.join(o['student'])}")
-    flipped = [f["profession"] for f in cmp["flipped"]]
-    lines.append(
-        f"flipped ({len(flipped)}): {', '.join(flipped[:8]) or 'none'}{' …' if len(flipped) > 8 else ''}"
-    )
-    return "\n".join(lines)
-
-
-def plot_bias(
-    report,
-    compare_to=None,
-    path: PathLike = "bias.png",
-    labels: tuple[str, str] = ("teacher", "student"),
-) -> Path:
-    """Draw the per-profession associations to a PNG and return its path.
-
-    One report: horizontal bars sorted by association (male-associated to the right of the zero line,
-    female-associated to the left), coloured by the profession's stereotype, WEAT d and p in the title. With
-    ``compare_to`` (``report`` is ``labels[0]``, usually the teacher; ``compare_to`` is ``labels[1]``): paired bars
-    sorted by the first model's score, next to a scatter of the first model's score against the second's with
-    the diagonal, flipped professions in red, and Spearman rho and both effect sizes in the title.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    first = _as_report(report)
-    second = None if compare_to is None else _as_report(compare_to)
-    if len(labels) != 2:
-        raise ValueError(f"labels must be two names, got {labels!r}")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    xlabel = "association = mean cos(male terms) − mean cos(female terms)"
-    legend = [
-        Patch(color=_COLOURS["male"], label="stereotyped male (WinoBias/BLS)"),
-        Patch(color=_COLOURS["female"], label="stereotyped female"),
-    ]
-    if any(s is None for s in first.stereotypes.values()):
-        legend.append(Patch(color=_COLOURS[None], label="no stereotype"))
-
-    if second is None:
-        names = sorted(first.association, key=first.association.get)
-        values = np.array([first.association[p] for p in names])
-        height = max(4.0, 0.24 * len(names) + 2.2)
-        fig, ax = plt.subplots(figsize=(8, height))
-        ax.barh(
-            range(len(names)), values, color=[_COLOURS[first.stereotypes.get(p)] for p in names], zorder=2
-        )
-        ax.set_yticks(range(len(names)), names, fontsize=9)
-        _bar_axes(ax, len(names), values, xlabel)
-        ax.set_title(
-            f"Gender–profession association: {first.model}\n{_weat_text(first)}", fontsize=11, pad=18
-        )
-        fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
-    else:
-        cmp = compare_bias(first, second)
-        common = [p for p in first.association if p in second.association]
-        names = sorted(common, key=first.association.get)
-        flipped = {f["profession"] for f in cmp["flipped"]}
-        a = np.array([first.association[p] for p in names])
-        b = np.array([second.association[p] for p in names])
-        height = max(7.0, 0.3 * len(names) + 2.2)
-        fig = plt.figure(figsize=(14, height))
-        grid = fig.add_gridspec(2, 2, width_ratios=[3, 2], height_ratios=[3, 2])
-        ax, sc, info = fig.add_subplot(grid[:, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, 1])
-        y = np.arange(len(names))
-        ax.barh(y + 0.2, a, height=0.4, color="#4a5568", label=labels[0], zorder=2)
-        ax.barh(y - 0.2, b, height=0.4, color="#63b3ed", label=labels[1], zorder=2)
-        ax.set_yticks(y, [f"{p} *" if p in flipped else p for p in names], fontsize=9)
-        for tick, p in zip(ax.get_yticklabels(), names, strict=True):
-            tick.set_color(_FLIP if p in flipped else _COLOURS[first.stereotypes.get(p)])
-            tick.set_fontweight("bold" if p in flipped else "normal")
-        _bar_axes(ax, len(names), np.concatenate([a, b]), xlabel)
-        ax.set_title(f"sorted by {labels[0]} association", fontsize=10, pad=18)
-        handles, _ = ax.get_legend_handles_labels()
-        label_key = [
-            Patch(color=_COLOURS["male"], label="stereotyped male (WinoBias/BLS)"),
-            Patch(color=_COLOURS["female"], label="stereotyped female"),
-            Patch(color=_FLIP, label="direction flipped (*)"),
-        ]
-        fig.legend(handles=handles + label_key, loc="lower center", ncol=5, fontsize=8, frameon=False)
-
-        colours = [_FLIP if p in flipped else _COLOURS[first.stereotypes.get(p)] for p in names]
-        sc.scatter(a, b, c=colours, s=30, zorder=3, edgecolors="white", linewidths=0.5)
-        lo, hi = float(min(a.min(), b.min(), 0.0)), float(max(a.max(), b.max(), 0.0))
-        pad = 0.08 * (hi - lo or 1.0)
-        lo, hi = lo - pad, hi + pad
-        sc.plot([lo, hi], [lo, hi], "--", color="#718096", linewidth=1, zorder=1)
-        sc.axhline(0, color="black", linewidth=0.8, zorder=2)
-        sc.axvline(0, color="black", linewidth=0.8, zorder=2)
-        sc.set_xlim(lo, hi)
-        sc.set_ylim(lo, hi)
-        sc.set_aspect("equal", adjustable="box")
-        for p, xa, yb in zip(names, a, b, strict=True):
-            if p in flipped:
-                sc.annotate(p, (xa, yb), xytext=(4, 3), textcoords="offset points", fontsize=8, color=_FLIP)
-        sc.set_xlabel(f"{labels[0]} association (→ male)")
-        sc.set_ylabel(f"{labels[1]} association (→ male)")
-        sc.grid(color="#e2e8f0", zorder=0)
-        sc.set_title(
-            f"Spearman ρ = {_fmt(cmp['spearman_rho'], '.3f')}, {len(flipped)} flipped (dashed: equal scores)\n"
-            f"WEAT d: {labels[0]} {_fmt(first.effect_size)}, {labels[1]} {_fmt(second.effect_size)}",
-            fontsize=10,
-        )
-        info.axis("off")
-        info.text(
-            0,
-            1,
-            _comparison_text(cmp, labels),
-            va="top",
-            ha="left",
-            fontsize=9,
-            family="monospace",
-            transform=info.transAxes,
-            wrap=True,
-        )
-        fig.suptitle(
-            f"Gender–profession association: {labels[0]} vs {labels[1]}\n({first.model} vs {second.model})",
-            fontsize=11,
-        )
-        fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
 
 # --------------------------------------------------------------------------------------------- CLI
-
-
-def format_report(report: BiasReport, title: str | None = None) -> str:
-    """A readable table: top male / female professions side by side, then the WEAT statistics."""
-    lines = [f"== {title or 'Gender-profession bias'}: {report.model}"]
-    lines.append(
-        f"   {len(report.association)} professions, {len(report.male_terms)} male / {len(report.female_terms)} "
-        f"female terms, {len(report.templates)} template(s)"
-    )
-    lines.append(f"   {SIGN_CONVENTION}")
-    width = max([len(p) for p, _ in report.most_male + report.most_female] + [12])
-    lines.append(f"   {'most male-associated':<{width + 16}}most female-associated")
-    for i in range(max(len(report.most_male), len(report.most_female))):
-        left = right = ""
-        if i < len(report.most_male):
-            p, a = report.most_male[i]
-            left = f"{i + 1:>2}. {p:<{width}} {a:+.4f}"
-        if i < len(report.most_female):
-            p, a = report.most_female[i]
-            right = f"{i + 1:>2}. {p:<{width}} {a:+.4f}"
-        lines.append(f"   {left:<{width + 16}}{right}")
-    if report.effect_size is None and report.p_value is None:
-        lines.append("   WEAT: n/a (needs professions stereotyped male and female, with differing scores)")
-    else:
-        how = "exact" if report.p_value_exact else "random"
-        lines.append(
-            f"   WEAT (X = {report.n_male_stereotyped} male-, Y = {report.n_female_stereotyped} female-stereotyped "
-            f"professions): effect size d = {_fmt(report.effect_size, '+.3f')}, one-sided p = "
-            f"{_fmt(report.p_value, '.4g')} ({report.partitions} partitions, {how})"
-        )
-    return "\n".join(lines)
-
-
-def format_comparison(cmp: Mapping[str, Any]) -> str:
-    """A readable summary of :func:`compare_bias`'s result."""
-    flipped = ", ".join(
-        f"{f['profession']} ({f['teacher']:+.3f} → {f['student']:+.3f})" for f in cmp["flipped"]
-    )
-    mm, mf = cmp["most_male_overlap"], cmp["most_female_overlap"]
-    return "\n".join(
-        [
-            f"== Comparison: teacher {cmp['teacher']} vs student {cmp['student']} "
-            f"({cmp['professions_compared']} professions)",
-            f"   Spearman rho = {_fmt(cmp['spearman_rho'], '.4f')} (p = {_fmt(cmp['spearman_p'], '.3g')}), "
-            f"mean |change| = {cmp['mean_abs_change']:.4f}",
-            f"   effect size: teacher {_fmt(cmp['effect_size_teacher'], '+.3f')}, student "
-            f"{_fmt(cmp['effect_size_student'], '+.3f')}, change {_fmt(cmp['effect_size_change'], '+.3f')}",
-            f"   top-{cmp['top_k']} most male shared: {len(mm['common'])}/{cmp['top_k']} "
-            f"({', '.join(mm['common']) or 'none'})",
-            f"   top-{cmp['top_k']} most female shared: {len(mf['common'])}/{cmp['top_k']} "
-            f"({', '.join(mf['common']) or 'none'})",
-            f"   direction flipped ({len(cmp['flipped'])}): {flipped or 'none'}",
-        ]
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmkd.eval.bias",
-        description="Gender-profession association in a CLIP text tower (mean cosine to male minus female term "
-        "prompts; positive = male-associated), WEAT effect size and permutation p-value, and optionally the "
-        "comparison with a teacher.",
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="model to measure: transformers CLIPModel directory or hub id, "
-        "open_clip name, hf-hub:/local-dir: id, or open_clip *.json config",
-    )
-    parser.add_argument("--pretrained", help="open_clip pretrained tag or checkpoint for --model")
-    parser.add_argument(
-        "--compare-to", metavar="T", help="reference (teacher) model spec to compare --model with"
-    )
-    parser.add_argument(
-        "--compare-to-pretrained", metavar="P2", help="open_clip pretrained tag/checkpoint for T"
-    )
-    parser.add_argument(
-        "--professions",
-        metavar="FILE",
-        help="professions file: one 'profession' or "
-        "'profession, male|female' a line, '#' comments (default: the shipped WinoBias list)",
-    )
-    parser.add_argument(
-        "--male-terms", metavar="FILE", help="male terms file, one a line (default: shipped list)"
-    )
-    parser.add_argument(
-        "--female-terms", metavar="FILE", help="female terms file, one a line (default: shipped list)"
-    )
-    parser.add_argument(
-        "--templates",
-        nargs="+",
-        metavar="T",
-        help="caption templates with '{}' for the word and "
-        "optional '{a}' for its article (e.g. 'a photo of {a} {}.'), or one file of them; "
-        "averaged (default: four CLIP ImageNet templates)",
-    )
-    parser.add_argument(
-        "--plot", metavar="PNG", help="write a bar chart (with --compare-to: bars + scatter) here"
-    )
-    parser.add_argument("--output", metavar="JSON", help="write the report (and comparison) as JSON here")
-    parser.add_argument("--top-k", type=int, default=5, help="professions listed each way (default 5)")
-    parser.add_argument(
-        "--permutations",
-        type=int,
-        default=10000,
-        help="WEAT permutation-test budget; exact enumeration when the partitions fit in it (default 10000)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the random partitions; also seeds torch before "
-        "loading, so a random-weight *.json config gives the same model every run (default 0)",
-    )
-    parser.add_argument("--device", help="device to run the model on (default: where it loads, the CPU)")
-    return parser
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
-
-
-def _templates_arg(values: list[str] | None):
-    if not values:
-        return None
-    if len(values) == 1 and "{" not in values[0]:
-        return values[0]  # a file
-    bad = [v for v in values if "{" not in v]
-    if bad:
-        raise ValueError(
-            f"--templates: {bad[0]!r} is not a template (no '{{}}') and only a single file may be given"
-        )
-    return values
-
-
-@contextlib.contextmanager
-def _quiet_hub_logs() -> Iterator[None]:
-    """Hide the hub client's retry chatter while loading, so a bad spec ends in one error line."""
-    import transformers  # noqa: F401  (importing it resets the hub's log level, so do it first)
-
-    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m mmkd.eval.bias``; returns the exit status (2 on bad input)."""
-    args = build_parser().parse_args(argv)
-
-    def fail(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-
-    for flag, value in (("--top-k", args.top_k), ("--permutations", args.permutations)):
-        if value < 1:
-            return fail(f"{flag} must be a positive integer, got {value}")
-    try:
-        lists = load_word_lists(
-            args.professions, args.male_terms, args.female_terms, _templates_arg(args.templates)
-        )
-    except (OSError, ValueError, TypeError) as e:
-        return fail(_one_line(e))
-
-    import torch
-
-    from mmkd.eval.encoders import load_encoder
-
-    encoders = {}
-    for key, spec, pretrained in (
-        ("model", args.model, args.pretrained),
-        ("compare_to", args.compare_to, args.compare_to_pretrained),
-    ):
-        if spec is None:
-            continue
-        torch.manual_seed(args.seed)
-        try:
-            with _quiet_hub_logs():
-                encoders[key] = load_encoder(spec, pretrained=pretrained, device=args.device)
-        except Exception as e:  # any failure to load a user-given spec is a bad-input error, not a crash
-            return fail(f"cannot load model {spec!r}: {_one_line(e)}")
-
-    def measure(key: str, spec: str, pretrained: str | None) -> BiasReport:
-        report = gender_profession_bias(
-            encoders[key],
-            [(p, s) for p, s in zip(lists.professions, lists.stereotypes, strict=True)],
-            lists.male_terms,
-            lists.female_terms,
-            lists.templates,
-            permutations=args.permutations,
-            seed=args.seed,
-            top_k=args.top_k,
-        )
-        report.model = spec if pretrained is None else f"{spec} ({pretrained})"
-        return report
-
-    report = measure("model", args.model, args.pretrained)
-    result = report.to_dict()
-    print(format_report(report, "Gender-profession bias" if args.compare_to is None else "Student"))
-    if args.compare_to is not None:
-        teacher = measure("compare_to", args.compare_to, args.compare_to_pretrained)
-        cmp = compare_bias(teacher, report)
-        result["compare_to"] = teacher.to_dict()
-        result["comparison"] = cmp
-        print()
-        print(format_report(teacher, "Teacher"))
-        print()
-        print(format_comparison(cmp))
-    try:
-        if args.plot:
-            if args.compare_to is None:
-                plot_bias(report, path=args.plot)
-            else:
-                plot_bias(teacher, compare_to=report, path=args.plot, labels=("teacher", "student"))
-            print(f"\nplot written to {args.plot}")
-        if args.output:
-            out = Path(args.output)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
-            print(f"report written to {args.output}")
-    except OSError as e:
-        return fail(_one_line(e))
-    return 0
 
 
 __all__ = [
@@ -1017,16 +617,13 @@ __all__ = [
     "WordLists",
     "build_prompts",
     "compare_bias",
-    "format_comparison",
-    "format_report",
     "gender_profession_bias",
     "indefinite_article",
     "load_professions",
     "load_templates",
     "load_terms",
     "load_word_lists",
-    "main",
-    "plot_bias",
+    "as_report",
     "read_list_file",
     "weat_effect_size",
     "weat_p_value",
@@ -1034,4 +631,8 @@ __all__ = [
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import sys
+
+    from mmkd.cli import run_command
+
+    sys.exit(run_command("bias", sys.argv[1:], prog="python -m mmkd.eval.bias"))

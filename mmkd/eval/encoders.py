@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkd.teachers import CLIPTeacher, TeacherInputs, load_teacher, processor_inputs
+from mmkd.data.preprocessing import Preprocessing, processor_preprocessing
+from mmkd.teachers import CLIPTeacher, load_teacher
 
 
 class CLIPEncoder:
     """Normalised image and text embeddings from a CLIP model, with the model's own preprocessing."""
 
-    def __init__(self, model: nn.Module, inputs: TeacherInputs, name: str, image_fn, text_fn):
+    def __init__(self, model: nn.Module, inputs: Preprocessing, name: str, image_fn, text_fn):
         self.model = model
         self.inputs = inputs
         self.name = name
@@ -86,7 +87,7 @@ def _from_teacher(teacher: CLIPTeacher) -> CLIPEncoder:
 
 
 def _from_clip_model(model: nn.Module, processor, name: str) -> CLIPEncoder:
-    inputs = processor_inputs(processor, int(model.config.text_config.max_position_embeddings))
+    inputs = processor_preprocessing(processor, int(model.config.text_config.max_position_embeddings))
 
     def image_fn(px):
         return model.visual_projection(model.vision_model(pixel_values=px).pooler_output)

@@ -19,12 +19,44 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-STRATEGIES = ("every_other", "distilbert", "odd", "first", "random")
+
+def _every_other(n: int, k: int) -> list[int]:
+    return [(i * n) // k for i in range(k)]
+
+
+def _distilbert(n: int, k: int) -> list[int]:
+    if k == 1:
+        return [0]
+    # floor(x + 0.5) rather than round(): Python's round() is banker's rounding.
+    return [math.floor(i * (n - 1) / (k - 1) + 0.5) for i in range(k)]
+
+
+def _odd(n: int, k: int) -> list[int]:
+    # Every other layer counted down from the last, so the last layer is always kept: 12 -> 6 gives 1, 3, ... 11.
+    if 2 * k - 1 > n:
+        raise ValueError(f"strategy 'odd' keeps at most {math.ceil(n / 2)} of {n} layers, not {k}")
+    return [n - 1 - 2 * (k - 1 - i) for i in range(k)]
+
+
+def _first(n: int, k: int) -> list[int]:
+    return list(range(k))
+
+
+# name -> (teacher depth n, student depth k) -> the teacher layers to copy, or None: copy nothing (random init).
+# A new strategy is one entry (in a config subclass's ``layer_strategies``, or a dict passed to build_student).
+STRATEGIES: dict[str, Callable[[int, int], list[int] | None]] = {
+    "every_other": _every_other,
+    "distilbert": _distilbert,
+    "odd": _odd,
+    "first": _first,
+    "random": lambda n, k: None,
+}
 
 
 def student_depth(teacher_depth: int, depth: int | None = None, *, allow_full_depth: bool = False) -> int:
@@ -43,28 +75,20 @@ def student_depth(teacher_depth: int, depth: int | None = None, *, allow_full_de
     return depth
 
 
-def select_layers(teacher_depth: int, depth: int, strategy: str) -> list[int]:
-    """Which teacher layers a ``depth``-layer student copies, for a named ``strategy``."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+def select_layers(
+    teacher_depth: int, depth: int, strategy: str, strategies: Mapping[str, Callable] = STRATEGIES
+) -> list[int] | None:
+    """Which teacher layers a ``depth``-layer student copies, for a named ``strategy`` (``None``: none, random init)."""
+    if strategy not in strategies:
+        raise ValueError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(strategies)}")
     if not 1 <= depth <= teacher_depth:
         raise ValueError(f"student depth {depth} is out of range for a teacher of depth {teacher_depth}")
-    n, k = teacher_depth, depth
-    if strategy == "every_other":
-        return [(i * n) // k for i in range(k)]
-    if strategy == "distilbert":
-        if k == 1:
-            return [0]
-        # floor(x + 0.5) rather than round(): Python's round() is banker's rounding.
-        return [math.floor(i * (n - 1) / (k - 1) + 0.5) for i in range(k)]
-    if strategy == "odd":
-        # Every other layer counted down from the last, so the last layer is always kept: 12 -> 6 gives 1, 3, ... 11.
-        if 2 * k - 1 > n:
-            raise ValueError(f"strategy 'odd' keeps at most {math.ceil(n / 2)} of {n} layers, not {depth}")
-        return [n - 1 - 2 * (k - 1 - i) for i in range(k)]
-    if strategy == "first":
-        return list(range(k))
-    return []  # random: nothing is copied
+    layers = strategies[strategy](teacher_depth, depth)
+    if layers is not None:
+        layers = _check_indices(list(layers), teacher_depth, f"strategy {strategy!r}")
+        if len(layers) != depth:
+            raise ValueError(f"strategy {strategy!r} picked {len(layers)} layers for a {depth}-layer student")
+    return layers
 
 
 def _check_indices(indices: list[int], teacher_depth: int, tower: str) -> list[int]:
@@ -99,6 +123,7 @@ def build_student(
     teacher_name: str | None = None,
     seed: int = 0,
     allow_full_depth: bool = False,
+    strategies: Mapping[str, Callable[[int, int], list[int] | None]] = STRATEGIES,
 ) -> tuple[CLIPModel, StudentInit]:
     """Build a student ``CLIPModel`` from a full-depth transformers ``CLIPModel`` teacher.
 
@@ -106,16 +131,16 @@ def build_student(
         teacher_model: the teacher as a transformers ``CLIPModel`` (``CLIPTeacher.to_transformers()`` gives one for
             open_clip teachers, by exact weight conversion).
         vision_depth / text_depth: student depth per tower; default half the teacher's, rounded up.
-        strategy: how layers are picked (see the module docstring), or ``random`` for a from-scratch student.
+        strategy: how layers are picked: a name of ``strategies`` (see the module docstring), ``random`` for a
+            from-scratch student.
         vision_layers / text_layers: explicit teacher layer indices, overriding depth and strategy for that tower.
         teacher_name: recorded in the student's config.
         seed: seeds the random initialisation of everything not copied.
         allow_full_depth: permit a student as deep as the teacher (used to prove the weight copy is exact).
+        strategies: the table of named strategies (default :data:`STRATEGIES`).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if strategy == "random" and (vision_layers or text_layers):
-        raise ValueError("strategy 'random' copies no teacher layers; do not pass vision_layers / text_layers")
+    if strategy not in strategies:
+        raise ValueError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(strategies)}")
     tcfg: CLIPConfig = teacher_model.config
     n_vision = tcfg.vision_config.num_hidden_layers
     n_text = tcfg.text_config.num_hidden_layers
@@ -126,10 +151,14 @@ def build_student(
             student_depth(n, len(idx), allow_full_depth=allow_full_depth)
             return idx, len(idx)
         d = student_depth(n, depth, allow_full_depth=allow_full_depth)
-        return select_layers(n, d, strategy), d
+        return select_layers(n, d, strategy, strategies), d
 
     v_idx, v_depth = plan(vision_layers, vision_depth, n_vision, "vision")
     t_idx, t_depth = plan(text_layers, text_depth, n_text, "text")
+    if (v_idx is None) != (t_idx is None):
+        raise ValueError(f"strategy {strategy!r} copies no teacher layers; do not pass vision_layers / text_layers")
+    from_scratch = v_idx is None
+    v_idx, t_idx = v_idx or [], t_idx or []
 
     cfg = copy.deepcopy(tcfg)
     cfg.vision_config.num_hidden_layers = v_depth
@@ -149,7 +178,7 @@ def build_student(
         torch.manual_seed(seed)
         student = CLIPModel(cfg)
     student.to(torch.float32)
-    if strategy == "random":
+    if from_scratch:
         return student, info
 
     teacher_sd = teacher_model.state_dict()

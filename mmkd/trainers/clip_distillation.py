@@ -1,6 +1,6 @@
-"""Distil a CLIP teacher into a (half-depth) CLIP student with ``transformers.Trainer``.
+"""Distil a CLIP teacher into a CLIP student with ``transformers.Trainer``.
 
-The loss is a weighted sum of named terms, each logged on its own:
+The loss is a weighted sum of the named terms of :data:`CLIP_LOSS_TERMS`, each logged on its own:
 
 * ``triplet_i2t`` / ``triplet_t2i`` - triplet loss between the student's image and text embeddings (its caption vs
   a non-matching caption of the batch), the research project's student objective;
@@ -16,30 +16,82 @@ processor. When a batch carries cached teacher embeddings the teacher is not run
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-import torch
-from torch import nn
-from transformers import Trainer, TrainingArguments
-
-from mmkd.losses import (
+from mmkd.checks import at_least, greater_than, one_of, optional
+from mmkd.losses import LossInputs
+from mmkd.losses.clip import (
     AffinityDistillationLoss,
     CLIPContrastiveLoss,
-    CLIPDistillationLoss,
     EmbeddingDistillationLoss,
     TripletLoss,
-    total_loss,
 )
 from mmkd.students.half_depth import STRATEGIES
-from mmkd.teachers import BACKENDS, CLIPTeacher
-from mmkd.trainers.term_logging import LossTermLoggingMixin
+from mmkd.teachers import BACKENDS
+from mmkd.trainers.base import DistillationConfig, DistillationTrainer, LossTerm
+
+__all__ = ["CLIP_LOSS_TERMS", "CLIPDistillationConfig", "CLIPDistillationTrainer"]
 
 DISTILL_KINDS = ("mse_cosine", "mse", "cosine")
 NEGATIVES = ("hardest", "random")
 
+_STUDENT = frozenset({"student_image", "student_text"})
+_TEACHER = frozenset({"teacher_image", "teacher_text"})
+
+
+def _embedding_term(tower: str) -> LossTerm:
+    return LossTerm(
+        weight=f"{tower}_distill_weight",
+        build=lambda a: EmbeddingDistillationLoss(a.distill_loss, tower, getattr(a, f"{tower}_distill_weight")),
+        needs=frozenset({f"student_{tower}", f"teacher_{tower}"}),
+        checks={"distill_loss": one_of(*DISTILL_KINDS)},
+        description=f"embedding distillation (Hinton et al., 2015), {tower} tower",
+    )
+
+
+CLIP_LOSS_TERMS: dict[str, LossTerm] = {
+    "triplet": LossTerm(
+        weight="triplet_weight",
+        build=lambda a: TripletLoss(
+            margin=a.triplet_margin, negatives=a.triplet_negatives, weight=a.triplet_weight,
+            symmetric=a.triplet_symmetric, seed=a.seed,
+        ),
+        needs=_STUDENT,
+        checks={"triplet_margin": at_least(0), "triplet_negatives": one_of(*NEGATIVES)},
+        description="FaceNet triplet loss (Schroff et al., 2015)",
+    ),
+    "image_distill": _embedding_term("image"),
+    "text_distill": _embedding_term("text"),
+    "contrastive": LossTerm(
+        weight="contrastive_weight",
+        build=lambda a: CLIPContrastiveLoss(weight=a.contrastive_weight, gather=a.gather_across_processes),
+        needs=_STUDENT | {"logit_scale"},
+        description="CLIP's InfoNCE (Radford et al., 2021)",
+    ),
+    "affinity": LossTerm(
+        weight="affinity_weight",
+        build=lambda a: AffinityDistillationLoss(
+            temperature=a.affinity_temperature, weight=a.affinity_weight, gather=a.gather_across_processes
+        ),
+        needs=_STUDENT | _TEACHER,
+        checks={"affinity_temperature": greater_than(0)},
+        description="CLIP-KD affinity mimicking (Yang et al., 2024)",
+    ),
+}
+
 
 @dataclass
-class CLIPDistillationConfig(TrainingArguments):
+class CLIPDistillationConfig(DistillationConfig):
     """Training arguments plus the teacher, the student and the loss of a CLIP distillation run."""
+
+    loss_terms: ClassVar = CLIP_LOSS_TERMS
+    # Named layer-selection strategies for the student (mmkd.students.half_depth); a subclass may extend it.
+    layer_strategies: ClassVar = STRATEGIES
+    field_checks: ClassVar = {
+        "teacher_backend": lambda v: one_of("auto", *BACKENDS)(v),
+        "student_vision_layers": optional(at_least(1)),
+        "student_text_layers": optional(at_least(1)),
+    }
 
     # -- teacher ----------------------------------------------------------------------------------------------
     teacher_name_or_path: str | None = field(
@@ -49,11 +101,9 @@ class CLIPDistillationConfig(TrainingArguments):
             "model config *.json, or a transformers CLIPModel hub id / directory. None trains without a teacher."
         },
     )
-    teacher_pretrained: str | None = field(
-        default=None,
-        metadata={"help": "open_clip only: pretrained tag (laion2b_s34b_b79k, openai) or local checkpoint path."},
+    teacher_backend: str = field(
+        default="auto", metadata={"help": "auto (decided from the teacher spec), open_clip or transformers."}
     )
-    teacher_backend: str = field(default="auto", metadata={"help": f"One of {', '.join(BACKENDS)}."})
     # -- student ----------------------------------------------------------------------------------------------
     student_vision_layers: int | None = field(
         default=None, metadata={"help": "Student vision depth; default half the teacher's, rounded up."}
@@ -85,96 +135,14 @@ class CLIPDistillationConfig(TrainingArguments):
     gather_across_processes: bool = field(
         default=True, metadata={"help": "Gather embeddings over processes (with gradients) for batch-wide terms."}
     )
-    # -- Trainer defaults that differ for image-text data -------------------------------------------------------
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep the image and text columns for the collator."}
-    )
 
     def __post_init__(self):
-        if self.teacher_backend not in BACKENDS:
-            raise ValueError(f"teacher_backend={self.teacher_backend!r}; choose one of {', '.join(BACKENDS)}")
-        if self.student_init not in STRATEGIES:
-            raise ValueError(f"student_init={self.student_init!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.triplet_negatives not in NEGATIVES:
-            raise ValueError(f"triplet_negatives={self.triplet_negatives!r}; choose one of {', '.join(NEGATIVES)}")
-        if self.distill_loss not in DISTILL_KINDS:
-            raise ValueError(f"distill_loss={self.distill_loss!r}; choose one of {', '.join(DISTILL_KINDS)}")
-        for name in (
-            "triplet_weight",
-            "image_distill_weight",
-            "text_distill_weight",
-            "contrastive_weight",
-            "affinity_weight",
-            "triplet_margin",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.affinity_temperature <= 0:
-            raise ValueError(f"affinity_temperature={self.affinity_temperature} must be > 0")
-        for name in ("student_vision_layers", "student_text_layers"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if not any(
-            getattr(self, n) > 0
-            for n in (
-                "triplet_weight",
-                "image_distill_weight",
-                "text_distill_weight",
-                "contrastive_weight",
-                "affinity_weight",
-            )
-        ):
-            raise ValueError("every loss weight is 0: nothing to train")
-        if self.ddp_find_unused_parameters is None:
-            # Every student parameter gets a gradient unless only one tower is distilled; DDP's search for
-            # unused parameters is an extra graph traversal per step, so it is on only when it is needed.
-            both_towers = (
-                self.triplet_weight > 0
-                or self.contrastive_weight > 0
-                or self.affinity_weight > 0
-                or (self.image_distill_weight > 0 and self.text_distill_weight > 0)
-            )
-            self.ddp_find_unused_parameters = not both_towers
+        if self.student_init not in self.layer_strategies:
+            raise ValueError(f"student_init={self.student_init!r}; choose one of {', '.join(self.layer_strategies)}")
         super().__post_init__()
 
-    @property
-    def needs_teacher(self) -> bool:
-        """Whether any loss term reads the teacher's embeddings."""
-        return self.image_distill_weight > 0 or self.text_distill_weight > 0 or self.affinity_weight > 0
 
-
-def build_loss(args: CLIPDistillationConfig) -> CLIPDistillationLoss:
-    losses: list[nn.Module] = []
-    if args.triplet_weight > 0:
-        losses.append(
-            TripletLoss(
-                margin=args.triplet_margin,
-                negatives=args.triplet_negatives,
-                weight=args.triplet_weight,
-                symmetric=args.triplet_symmetric,
-                seed=args.seed,
-            )
-        )
-    if args.image_distill_weight > 0 or args.text_distill_weight > 0:
-        losses.append(
-            EmbeddingDistillationLoss(
-                kind=args.distill_loss, image_weight=args.image_distill_weight, text_weight=args.text_distill_weight
-            )
-        )
-    if args.contrastive_weight > 0:
-        losses.append(CLIPContrastiveLoss(weight=args.contrastive_weight, gather=args.gather_across_processes))
-    if args.affinity_weight > 0:
-        losses.append(
-            AffinityDistillationLoss(
-                temperature=args.affinity_temperature,
-                weight=args.affinity_weight,
-                gather=args.gather_across_processes,
-            )
-        )
-    return CLIPDistillationLoss(losses)
-
-
-class CLIPDistillationTrainer(LossTermLoggingMixin, Trainer):
+class CLIPDistillationTrainer(DistillationTrainer):
     """``Trainer`` that distils a frozen CLIP ``teacher`` into the ``model`` (a ``CLIPModel`` student).
 
     Args:
@@ -185,75 +153,62 @@ class CLIPDistillationTrainer(LossTermLoggingMixin, Trainer):
         Everything else is passed to ``Trainer``.
     """
 
-    def __init__(self, model=None, teacher: CLIPTeacher | None = None, args: CLIPDistillationConfig = None, **kwargs):
-        if not isinstance(args, CLIPDistillationConfig):
-            raise TypeError(f"args must be a CLIPDistillationConfig, got {type(args).__name__}")
-        super().__init__(model=model, args=args, **kwargs)
-        self.loss_fn = build_loss(args)
-        # The loss is a mean over the micro-batch: let Trainer divide it by the accumulation steps.
-        self.loss_is_scaled_for_ga = False
-        if args.contrastive_weight == 0:
+    config_class: ClassVar = CLIPDistillationConfig
+
+    def __init__(self, model=None, teacher=None, args: CLIPDistillationConfig = None, **kwargs):
+        super().__init__(model=model, teacher=teacher, args=args, **kwargs)
+        if "logit_scale" not in self.needed_inputs:
             # Only InfoNCE reads the student's temperature; a parameter with no gradient would stall DDP.
             self.accelerator.unwrap_model(self.model).logit_scale.requires_grad_(False)
-        self.teacher = None
-        if teacher is not None:
-            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.gathered_batch_size: int | None = None
 
-    # -- teacher ----------------------------------------------------------------------------------------------
-    def _teacher_embeddings(self, inputs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not self.args.needs_teacher:
-            return None, None
-        t_img = inputs.get("teacher_image_embeds")
-        t_txt = inputs.get("teacher_text_embeds")
-        if t_img is not None and t_txt is not None:
-            return t_img, t_txt
+    def teacher_inputs(self, inputs: dict) -> dict[str, Any]:
+        wanted = {tower for tower in ("image", "text") if f"teacher_{tower}" in self.needed_inputs}
+        out = {f"teacher_{t}": inputs[f"teacher_{t}_embeds"] for t in wanted if f"teacher_{t}_embeds" in inputs}
+        missing = wanted - {name.removeprefix("teacher_") for name in out}
+        if not missing:
+            return out
         if self.teacher is None:
-            raise ValueError(
-                "The loss needs teacher embeddings but the trainer has no teacher and the batch has no "
-                "teacher_image_embeds / teacher_text_embeds columns."
-            )
-        pixel_values = None if t_img is not None else inputs.get("teacher_pixel_values", inputs["pixel_values"])
-        if t_txt is not None:
-            input_ids = attention_mask = None
-        elif "teacher_input_ids" in inputs:
-            input_ids, attention_mask = inputs["teacher_input_ids"], inputs.get("teacher_attention_mask")
-        else:  # the teacher shares the student's tokenizer
-            input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        out = self.teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-        return (
-            t_img if t_img is not None else out.image_embeds,
-            t_txt if t_txt is not None else out.text_embeds,
-        )
+            raise self.missing_teacher_error("teacher_image_embeds / teacher_text_embeds")
+        pixel_values = input_ids = attention_mask = None
+        if "image" in missing:
+            pixel_values = inputs.get("teacher_pixel_values", inputs["pixel_values"])
+        if "text" in missing:
+            if "teacher_input_ids" in inputs:
+                input_ids, attention_mask = inputs["teacher_input_ids"], inputs.get("teacher_attention_mask")
+            else:  # the teacher shares the student's tokenizer
+                input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        live = self.teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        for tower in missing:
+            out[f"teacher_{tower}"] = getattr(live, f"{tower}_embeds")
+        return out
 
-    # -- loss -------------------------------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        t_img, t_txt = self._teacher_embeddings(inputs)
-        # Call the (possibly DDP-wrapped) model itself so gradient synchronisation sees the forward.
+    def student_inputs(self, model, inputs: dict) -> tuple[dict[str, Any], Any]:
         outputs = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs.get("attention_mask"),
             pixel_values=inputs["pixel_values"],
             return_dict=True,
         )
-        student = self.accelerator.unwrap_model(model)
-        # transformers 5's CLIPModel returns normalised image_embeds / text_embeds, and the raw projections
-        # (what MSE distillation compares) as the towers' pooler_output.
-        s_img = outputs.vision_model_output.pooler_output  # (B, E)
-        s_txt = outputs.text_model_output.pooler_output  # (B, E)
-        terms = self.loss_fn(
-            student_image=s_img,
-            student_text=s_txt,
-            teacher_image=None if t_img is None else t_img.to(s_img.dtype),
-            teacher_text=None if t_txt is None else t_txt.to(s_txt.dtype),
-            logit_scale=student.logit_scale.exp(),
-        )
-        loss = total_loss(terms)
-        if model.training:
-            self.record_terms(terms)
-            if self.loss_fn.last_gathered_batch_size is not None:
-                self.gathered_batch_size = self.loss_fn.last_gathered_batch_size
-        return (loss, outputs) if return_outputs else loss
+        # CLIPModel.forward's tower outputs are get_image_features / get_text_features' own: their pooler_output is
+        # the raw projected embedding (forward's image_embeds / text_embeds are normalised).
+        image = outputs.vision_model_output.pooler_output  # (B, E)
+        text = outputs.text_model_output.pooler_output  # (B, E)
+        student = {"student_image": image, "student_text": text}
+        if "logit_scale" in self.needed_inputs:
+            student["logit_scale"] = self.accelerator.unwrap_model(model).logit_scale.exp()
+        return student, outputs
+
+    def loss_inputs(self, student: dict[str, Any], teacher: dict[str, Any]) -> LossInputs:
+        # Teacher targets in the student's dtype (under mixed precision both come out of autocast).
+        teacher = {k: v.to(student[k.replace("teacher_", "student_")].dtype) for k, v in teacher.items()}
+        return LossInputs(**student, **teacher)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training and self.loss_fn.last_gathered_batch_size is not None:
+            self.gathered_batch_size = self.loss_fn.last_gathered_batch_size
+        return result
 
     def extra_logs(self) -> dict[str, float]:
         return {} if self.gathered_batch_size is None else {"gathered_batch_size": self.gathered_batch_size}

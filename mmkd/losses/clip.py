@@ -1,24 +1,14 @@
 """Losses for distilling a CLIP teacher into a CLIP student.
 
-Two layers:
+Tensor-only functions (:func:`triplet_loss`, :func:`embedding_mse`, :func:`cosine_distance`,
+:func:`clip_contrastive_loss`, :func:`affinity_distillation_loss`) hold the maths. They take raw, un-normalised
+projected embeddings of shape ``(B, D)``, normalise internally where the loss is defined on the unit sphere, and
+never communicate, so they work equally on a local batch or on one gathered across processes. Thin modules without
+trainable parameters read what they need from a :class:`~mmkd.losses.LossInputs` and return a ``dict`` of named,
+already-weighted terms; the batch-level ones (contrastive, affinity) gather across processes first.
 
-* tensor-only functions (:func:`triplet_loss`, :func:`embedding_mse`, :func:`cosine_distance`,
-  :func:`clip_contrastive_loss`, :func:`affinity_distillation_loss`) holding the maths. They take raw,
-  un-normalised projected embeddings of shape ``(B, D)`` and normalise internally where the loss is
-  defined on the unit sphere. They never communicate, so they work equally on a local batch or on a
-  batch already gathered across processes.
-* thin :class:`torch.nn.Module` wrappers without trainable parameters, sharing one call signature
-  ``forward(student_image, student_text, teacher_image=None, teacher_text=None, logit_scale=None)``
-  and returning a ``dict`` of named, already-weighted terms (terms whose weight is 0 are omitted).
-  The batch-level ones (contrastive, affinity) gather across processes; :class:`CLIPDistillationLoss`
-  combines several wrappers and :func:`total_loss` sums the terms.
-
-Teacher embeddings are always treated as constant targets: the functions detach them, so no
-gradient reaches a teacher even if it was run with autograd enabled.
-
-Half-precision inputs (bf16/fp16 students) are upcast to float32 before normalising and taking
-softmaxes: at a logit scale of 100 or a temperature of 0.01 the logits span hundreds of units, where
-bf16's 8-bit mantissa would visibly distort the loss.
+Teacher embeddings are constant targets: the functions detach them, so no gradient reaches a teacher even if it was
+run with autograd enabled. Half-precision inputs are upcast to float32 (:func:`mmkd.losses.checks.upcast`).
 """
 
 from __future__ import annotations
@@ -29,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmkd.checks import check_non_negative, check_positive
 from mmkd.distributed import gather_no_grad, gather_with_grad
+from mmkd.losses import LossInputs
+from mmkd.losses.checks import check_same_shape, require, upcast
 
 __all__ = [
     "AffinityDistillationLoss",
     "CLIPContrastiveLoss",
-    "CLIPDistillationLoss",
     "EmbeddingDistillationLoss",
     "TripletLoss",
     "affinity_distillation_loss",
@@ -42,7 +34,6 @@ __all__ = [
     "cosine_distance",
     "embedding_mse",
     "mine_negatives",
-    "total_loss",
     "triplet_loss",
 ]
 
@@ -51,42 +42,6 @@ EmbeddingDistillationKind = Literal["mse_cosine", "mse", "cosine"]
 
 _NEGATIVE_MODES = ("hardest", "random")
 _EMBEDDING_KINDS = ("mse_cosine", "mse", "cosine")
-
-
-# --------------------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """Return ``x`` in float32 unless it already is float32/float64 (see module docstring)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _check_matrix(name: str, x: Tensor) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D (batch, dim) tensor, got shape {tuple(x.shape)}")
-
-
-def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
-    _check_matrix(name_a, a)
-    _check_matrix(name_b, b)
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-
-
-def _check_weight(name: str, value: float) -> float:
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return float(value)
-
-
-def _require(name: str, x: Tensor | None, module: str) -> Tensor:
-    if x is None:
-        raise ValueError(f"{module} requires {name}, got None")
-    return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,7 +73,7 @@ def mine_negatives(
     """
     if negatives not in _NEGATIVE_MODES:
         raise ValueError(f"negatives must be one of {_NEGATIVE_MODES}, got {negatives!r}")
-    _check_same_shape("anchor", anchor, "candidates", candidates)
+    check_same_shape("anchor", anchor, "candidates", candidates)
     batch_size = anchor.shape[0]
     if batch_size < 2:
         raise ValueError(
@@ -126,8 +81,8 @@ def mine_negatives(
         )
     with torch.no_grad():
         if negatives == "hardest":
-            a = F.normalize(_upcast(anchor), dim=-1)  # (B, D)
-            c = F.normalize(_upcast(candidates), dim=-1)  # (B, D)
+            a = F.normalize(upcast(anchor), dim=-1)  # (B, D)
+            c = F.normalize(upcast(candidates), dim=-1)  # (B, D)
             sim = a @ c.T  # (B, B)
             # -inf on the diagonal so the positive can never be chosen, whatever its cosine.
             eye = torch.eye(batch_size, dtype=torch.bool, device=sim.device)  # (B, B)
@@ -168,11 +123,11 @@ def triplet_loss(
     Returns:
         Scalar loss.
     """
-    _check_same_shape("anchor", anchor, "positive", positive)
+    check_same_shape("anchor", anchor, "positive", positive)
     neg_idx = mine_negatives(anchor, candidates, negatives, generator)  # (B,)
-    a = F.normalize(_upcast(anchor), dim=-1)  # (B, D)
-    p = F.normalize(_upcast(positive), dim=-1)  # (B, D)
-    n = F.normalize(_upcast(candidates), dim=-1)[neg_idx]  # (B, D)
+    a = F.normalize(upcast(anchor), dim=-1)  # (B, D)
+    p = F.normalize(upcast(positive), dim=-1)  # (B, D)
+    n = F.normalize(upcast(candidates), dim=-1)[neg_idx]  # (B, D)
     pos_cos = (a * p).sum(dim=-1)  # (B,)
     neg_cos = (a * n).sum(dim=-1)  # (B,)
     return F.relu(margin - pos_cos + neg_cos).mean()
@@ -188,8 +143,8 @@ def embedding_mse(student: Tensor, teacher: Tensor) -> Tensor:
     Args:
         student, teacher: ``(B, D)`` raw embeddings of the same width (project the student first).
     """
-    _check_same_shape("student", student, "teacher", teacher)
-    return F.mse_loss(_upcast(student), _upcast(teacher).detach())
+    check_same_shape("student", student, "teacher", teacher)
+    return F.mse_loss(upcast(student), upcast(teacher).detach())
 
 
 def cosine_distance(student: Tensor, teacher: Tensor) -> Tensor:
@@ -202,8 +157,8 @@ def cosine_distance(student: Tensor, teacher: Tensor) -> Tensor:
     Args:
         student, teacher: ``(B, D)`` raw embeddings of the same width.
     """
-    _check_same_shape("student", student, "teacher", teacher)
-    cos = F.cosine_similarity(_upcast(student), _upcast(teacher).detach(), dim=-1)  # (B,)
+    check_same_shape("student", student, "teacher", teacher)
+    cos = F.cosine_similarity(upcast(student), upcast(teacher).detach(), dim=-1)  # (B,)
     return (1.0 - cos).mean()
 
 
@@ -223,9 +178,9 @@ def clip_contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale
         image_embeds, text_embeds: ``(B, D)`` raw embeddings, possibly gathered across processes.
         logit_scale: positive float or 0-d tensor.
     """
-    _check_same_shape("image_embeds", image_embeds, "text_embeds", text_embeds)
-    img = F.normalize(_upcast(image_embeds), dim=-1)  # (B, D)
-    txt = F.normalize(_upcast(text_embeds), dim=-1)  # (B, D)
+    check_same_shape("image_embeds", image_embeds, "text_embeds", text_embeds)
+    img = F.normalize(upcast(image_embeds), dim=-1)  # (B, D)
+    txt = F.normalize(upcast(text_embeds), dim=-1)  # (B, D)
     logits = logit_scale * img @ txt.T  # (B, B); row i = image i against every caption
     labels = torch.arange(logits.shape[0], device=logits.device)  # (B,)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -269,28 +224,21 @@ def affinity_distillation_loss(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    _check_same_shape("student_image", student_image, "student_text", student_text)
-    _check_same_shape("teacher_image", teacher_image, "teacher_text", teacher_text)
+    check_same_shape("student_image", student_image, "student_text", student_text)
+    check_same_shape("teacher_image", teacher_image, "teacher_text", teacher_text)
     if student_image.shape[0] != teacher_image.shape[0]:
         raise ValueError(
             f"student and teacher batch sizes differ: {student_image.shape[0]} vs {teacher_image.shape[0]}"
         )
-    s_img = F.normalize(_upcast(student_image), dim=-1)  # (B, Ds)
-    s_txt = F.normalize(_upcast(student_text), dim=-1)  # (B, Ds)
-    t_img = F.normalize(_upcast(teacher_image).detach(), dim=-1)  # (B, Dt)
-    t_txt = F.normalize(_upcast(teacher_text).detach(), dim=-1)  # (B, Dt)
+    s_img = F.normalize(upcast(student_image), dim=-1)  # (B, Ds)
+    s_txt = F.normalize(upcast(student_text), dim=-1)  # (B, Ds)
+    t_img = F.normalize(upcast(teacher_image).detach(), dim=-1)  # (B, Dt)
+    t_txt = F.normalize(upcast(teacher_text).detach(), dim=-1)  # (B, Dt)
     student_logits = s_img @ s_txt.T / temperature  # (B, B); rows: images, columns: captions
     teacher_logits = t_img @ t_txt.T / temperature  # (B, B)
     image_to_text = _row_kl(teacher_logits, student_logits)
     text_to_image = _row_kl(teacher_logits.T, student_logits.T)
     return (image_to_text + text_to_image) / 2
-
-
-def total_loss(terms: dict[str, Tensor]) -> Tensor:
-    """Sum the (already weighted) named terms returned by the loss modules."""
-    if not terms:
-        raise ValueError("total_loss needs at least one loss term, got an empty dict")
-    return torch.stack([t.reshape(()) for t in terms.values()]).sum()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,32 +280,28 @@ class TripletLoss(nn.Module):
             raise ValueError(f"negatives must be one of {_NEGATIVE_MODES}, got {negatives!r}")
         self.margin = float(margin)
         self.negatives: NegativeMining = negatives
-        self.weight = _check_weight("weight", weight)
+        self.weight = check_non_negative("weight", weight)
         self.symmetric = symmetric
         self.seed = seed
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
 
-    def forward(
-        self,
-        student_image: Tensor,
-        student_text: Tensor,
-        teacher_image: Tensor | None = None,
-        teacher_text: Tensor | None = None,
-        logit_scale: Tensor | float | None = None,
-    ) -> dict[str, Tensor]:
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return ("triplet_i2t", "triplet_t2i") if self.symmetric else ("triplet_i2t",)
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         if self.weight == 0:
             return {}
+        image = require("student_image", inputs.student_image, "TripletLoss")
+        text = require("student_text", inputs.student_text, "TripletLoss")
         terms = {
-            "triplet_i2t": self.weight
-            * triplet_loss(
-                student_image, student_text, student_text, self.margin, self.negatives, self.generator
-            )
+            "triplet_i2t": self.weight * triplet_loss(image, text, text, self.margin, self.negatives, self.generator)
         }
         if self.symmetric:
             terms["triplet_t2i"] = self.weight * triplet_loss(
-                student_text, student_image, student_image, self.margin, self.negatives, self.generator
+                text, image, image, self.margin, self.negatives, self.generator
             )
         return terms
 
@@ -373,9 +317,9 @@ class EmbeddingDistillationLoss(nn.Module):
     Student Models in Multi-Modal Knowledge Distillation").
 
     ``kind`` selects :func:`embedding_mse` (``"mse"``), :func:`cosine_distance` (``"cosine"``) or both
-    (``"mse_cosine"``). Terms are named ``{tower}_{loss}``, e.g. ``image_mse``, ``text_cosine``, and
-    weighted by ``image_weight``/``text_weight``; a tower with weight 0 is skipped and then needs no
-    teacher embeddings. Per-row losses: computed on the local batch, no gathering. No temperature.
+    (``"mse_cosine"``) for one ``tower`` (``"image"`` or ``"text"``: one module per distilled tower). Terms are
+    named ``{tower}_{loss}``, e.g. ``image_mse``, ``text_cosine``, each multiplied by ``weight``. Per-row losses:
+    computed on the local batch, no gathering. No temperature.
     """
 
     citation = """@article{hinton2015distilling,
@@ -390,43 +334,36 @@ class EmbeddingDistillationLoss(nn.Module):
 }"""
 
     def __init__(
-        self,
-        kind: EmbeddingDistillationKind = "mse_cosine",
-        image_weight: float = 1.0,
-        text_weight: float = 1.0,
+        self, kind: EmbeddingDistillationKind = "mse_cosine", tower: str = "image", weight: float = 1.0
     ) -> None:
         super().__init__()
         if kind not in _EMBEDDING_KINDS:
             raise ValueError(f"kind must be one of {_EMBEDDING_KINDS}, got {kind!r}")
+        if tower not in ("image", "text"):
+            raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
         self.kind: EmbeddingDistillationKind = kind
-        self.image_weight = _check_weight("image_weight", image_weight)
-        self.text_weight = _check_weight("text_weight", text_weight)
+        self.tower = tower
+        self.weight = check_non_negative("weight", weight)
 
-    def forward(
-        self,
-        student_image: Tensor,
-        student_text: Tensor,
-        teacher_image: Tensor | None = None,
-        teacher_text: Tensor | None = None,
-        logit_scale: Tensor | float | None = None,
-    ) -> dict[str, Tensor]:
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return tuple(f"{self.tower}_{k}" for k in ("mse", "cosine") if k in self.kind.split("_"))
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
+        if self.weight == 0:
+            return {}
+        name = type(self).__name__
+        student = require(f"student_{self.tower}", getattr(inputs, f"student_{self.tower}"), name)
+        teacher = require(f"teacher_{self.tower}", getattr(inputs, f"teacher_{self.tower}"), name)
         terms: dict[str, Tensor] = {}
-        towers = (
-            ("image", self.image_weight, student_image, teacher_image),
-            ("text", self.text_weight, student_text, teacher_text),
-        )
-        for tower, weight, student, teacher in towers:
-            if weight == 0:
-                continue
-            teacher = _require(f"teacher_{tower}", teacher, type(self).__name__)
-            if self.kind in ("mse", "mse_cosine"):
-                terms[f"{tower}_mse"] = weight * embedding_mse(student, teacher)
-            if self.kind in ("cosine", "mse_cosine"):
-                terms[f"{tower}_cosine"] = weight * cosine_distance(student, teacher)
+        if self.kind in ("mse", "mse_cosine"):
+            terms[f"{self.tower}_mse"] = self.weight * embedding_mse(student, teacher)
+        if self.kind in ("cosine", "mse_cosine"):
+            terms[f"{self.tower}_cosine"] = self.weight * cosine_distance(student, teacher)
         return terms
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, image_weight={self.image_weight}, text_weight={self.text_weight}"
+        return f"kind={self.kind!r}, tower={self.tower!r}, weight={self.weight}"
 
 
 class CLIPContrastiveLoss(nn.Module):
@@ -451,23 +388,20 @@ class CLIPContrastiveLoss(nn.Module):
 
     def __init__(self, weight: float = 1.0, gather: bool = True) -> None:
         super().__init__()
-        self.weight = _check_weight("weight", weight)
+        self.weight = check_non_negative("weight", weight)
         self.gather = gather
         self.last_gathered_batch_size: int | None = None
 
-    def forward(
-        self,
-        student_image: Tensor,
-        student_text: Tensor,
-        teacher_image: Tensor | None = None,
-        teacher_text: Tensor | None = None,
-        logit_scale: Tensor | float | None = None,
-    ) -> dict[str, Tensor]:
+    terms = ("contrastive",)
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         if self.weight == 0:
             self.last_gathered_batch_size = None
             return {}
-        logit_scale = _require(
-            "logit_scale (the exponentiated multiplier, e.g. 100.0)", logit_scale, "CLIPContrastiveLoss"
+        student_image = require("student_image", inputs.student_image, "CLIPContrastiveLoss")
+        student_text = require("student_text", inputs.student_text, "CLIPContrastiveLoss")
+        logit_scale = require(
+            "logit_scale (the exponentiated multiplier, e.g. 100.0)", inputs.logit_scale, "CLIPContrastiveLoss"
         )
         if self.gather:
             student_image = gather_with_grad(student_image)  # (world_size * B, D)
@@ -498,26 +432,22 @@ class AffinityDistillationLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.05, weight: float = 1.0, gather: bool = True) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.weight = _check_weight("weight", weight)
+        self.temperature = check_positive("temperature", temperature)
+        self.weight = check_non_negative("weight", weight)
         self.gather = gather
         self.last_gathered_batch_size: int | None = None
 
-    def forward(
-        self,
-        student_image: Tensor,
-        student_text: Tensor,
-        teacher_image: Tensor | None = None,
-        teacher_text: Tensor | None = None,
-        logit_scale: Tensor | float | None = None,
-    ) -> dict[str, Tensor]:
+    terms = ("affinity",)
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         if self.weight == 0:
             self.last_gathered_batch_size = None
             return {}
-        teacher_image = _require("teacher_image", teacher_image, "AffinityDistillationLoss")
-        teacher_text = _require("teacher_text", teacher_text, "AffinityDistillationLoss")
+        name = "AffinityDistillationLoss"
+        student_image = require("student_image", inputs.student_image, name)
+        student_text = require("student_text", inputs.student_text, name)
+        teacher_image = require("teacher_image", inputs.teacher_image, name)
+        teacher_text = require("teacher_text", inputs.teacher_text, name)
         if self.gather:
             student_image = gather_with_grad(student_image)  # (world_size * B, Ds)
             student_text = gather_with_grad(student_text)  # (world_size * B, Ds)
@@ -534,45 +464,3 @@ class AffinityDistillationLoss(nn.Module):
         return f"temperature={self.temperature}, weight={self.weight}, gather={self.gather}"
 
 
-class CLIPDistillationLoss(nn.Module):
-    """Run several loss modules on the same embeddings and merge their named terms.
-
-    Every module receives the full argument set and takes what it needs. Duplicate term names raise
-    ``ValueError`` rather than silently overwriting a term. Sum the result with :func:`total_loss`.
-    """
-
-    def __init__(self, losses: list[nn.Module]) -> None:
-        super().__init__()
-        if not losses:
-            raise ValueError("CLIPDistillationLoss needs at least one loss module, got an empty list")
-        for loss in losses:
-            if not isinstance(loss, nn.Module):
-                raise TypeError(f"CLIPDistillationLoss expects nn.Module losses, got {type(loss).__name__}")
-        self.losses = nn.ModuleList(losses)
-
-    @property
-    def last_gathered_batch_size(self) -> int | None:
-        """Largest row count seen after gathering by the member losses' last calls (None if none gathered)."""
-        sizes = [
-            size
-            for loss in self.losses
-            if (size := getattr(loss, "last_gathered_batch_size", None)) is not None
-        ]
-        return max(sizes) if sizes else None
-
-    def forward(
-        self,
-        student_image: Tensor,
-        student_text: Tensor,
-        teacher_image: Tensor | None = None,
-        teacher_text: Tensor | None = None,
-        logit_scale: Tensor | float | None = None,
-    ) -> dict[str, Tensor]:
-        merged: dict[str, Tensor] = {}
-        for loss in self.losses:
-            terms = loss(student_image, student_text, teacher_image, teacher_text, logit_scale)
-            duplicates = sorted(merged.keys() & terms.keys())
-            if duplicates:
-                raise ValueError(f"duplicate loss term names {duplicates} from {type(loss).__name__}")
-            merged.update(terms)
-        return merged

@@ -81,13 +81,13 @@ def matching_pairs(
 def fashion_mnist_matching(
     data_dir: str | None = None,
     seed: int = 0,
-    max_train_examples: int | None = None,
-    max_eval_examples: int | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
 ) -> datasets.DatasetDict:
     """Matching pairs from captioned Fashion-MNIST: ``train`` from the training split, ``validation`` from the
     held-out test split. A mismatch always gets a caption of another class."""
     out = {}
-    for name, split, limit in (("train", "train", max_train_examples), ("validation", "test", max_eval_examples)):
+    for name, split, limit in (("train", "train", max_train_samples), ("validation", "test", max_eval_samples)):
         captions = fashion_mnist_captions(split, data_dir=data_dir, seed=seed, max_examples=limit)
         out[name] = matching_pairs(captions, seed=seed, group_column="label")
     return datasets.DatasetDict(out)

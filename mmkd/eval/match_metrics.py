@@ -2,7 +2,7 @@
 
 Research 000 reports accuracy, precision, recall and F1 (Table 1); ROC-AUC is added because it judges the logits
 themselves, independently of the threshold at 0. The metric scripts ship inside mmkd
-(:mod:`mmkd.matching.metric_modules`) and are loaded by file path: ``evaluate.load("accuracy")`` would fetch the
+(:mod:`mmkd.eval.metric_modules`) and are loaded by file path: ``evaluate.load("accuracy")`` would fetch the
 Hub's script, which fails offline and needs scikit-learn, whereas a path to an existing ``.py`` file is loaded
 locally without any network call, whatever ``HF_HUB_OFFLINE`` / ``HF_EVALUATE_OFFLINE`` say. ``evaluate`` copies
 the script into its modules cache (``HF_MODULES_CACHE``) under a hash of its content, guarded by a file lock, so

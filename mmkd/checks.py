@@ -1,0 +1,86 @@
+"""Value checks shared by configs, models and losses: each raises ``ValueError`` with one line naming the value.
+
+The ``*_check`` factories return predicates for the trainers' tables (:class:`mmkd.trainers.base.LossTerm` and the
+configs' field checks): ``check(value) -> None | str``, the string saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+Check = Callable[[Any], "str | None"]
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_non_negative(name: str, value: float) -> float:
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def check_positive(name: str, value: float) -> float:
+    if not value > 0:  # also rejects NaN
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+# -- predicates for tables ---------------------------------------------------------------------------------------
+def one_of(*choices: str) -> Check:
+    def check(value):
+        return None if value in choices else f"choose one of {', '.join(choices)}"
+
+    return check
+
+
+def at_least(minimum: float) -> Check:
+    def check(value):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok and value >= minimum else f"must be >= {minimum:g}"
+
+    return check
+
+
+def greater_than(bound: float) -> Check:
+    def check(value):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok and value > bound else f"must be > {bound:g}"
+
+    return check
+
+
+def between(low: float, high: float) -> Check:
+    def check(value):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok and low <= value <= high else f"must be in [{low:g}, {high:g}]"
+
+    return check
+
+
+def optional(check: Check) -> Check:
+    """``check`` for a value that may also be ``None``."""
+
+    def optional_check(value):
+        return None if value is None else check(value)
+
+    return optional_check
+
+
+def run_checks(obj: Any, checks: dict[str, Check]) -> None:
+    """Apply ``{field: check}`` to ``obj``'s attributes; the first failure raises ``ValueError`` naming the field."""
+    for name, check in checks.items():
+        value = getattr(obj, name)
+        problem = check(value)
+        if problem:
+            raise ValueError(f"{name}={value!r}: {problem}")

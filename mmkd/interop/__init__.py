@@ -1,0 +1,1 @@
+"""open_clip <-> transformers: exact model conversion in both directions and the preprocessing mapping."""

@@ -1,0 +1,1 @@
+"""What mmkd shows people: model cards, Markdown tables, plots, the compression report, the hardware line."""

@@ -1,0 +1,598 @@
+"""Compression report: teacher vs half-depth student vs the student quantized to int8, side by side.
+
+What distillation buys, measured the way a deployment sees it. For each of three models -- the teacher (as its
+transformers twin, so every row runs the same ``CLIPModel`` code), the student, and a dynamic-int8 copy of the
+student -- the report gives
+
+* parameters, and the size on disk (each model saved to a temporary folder: ``save_pretrained`` safetensors for
+  the float models, ``torch.save(state_dict)`` for the int8 one, whose packed weights safetensors cannot hold);
+* image and text encoding throughput on this machine (:func:`compare_throughput`: fixed synthetic inputs of the
+  model's own image size and context length, so image decoding and tokenising are excluded; one warm-up batch,
+  then the median of ``repeats`` timed batches; torch's thread count left as it is);
+* zero-shot acc@1 / acc@5 with :func:`mmkd.eval.zeroshot.evaluate_zeroshot` (optional).
+
+The comparison of accuracy against size follows the knowledge-distillation study in the research notes (dynamic
+quantization vs distillation on MNIST: quantization keeps accuracy and cuts the size of the Linear weights to a
+quarter; distillation cuts depth, and with it compute, not only bytes).
+
+Command line::
+
+    python -m mmkd.report --teacher out/offline/teacher --student out/offline/distilled \\
+        --dataset fashion_mnist --plot report.png --json report.json --markdown report.md
+    python -m mmkd.report --teacher ViT-B-32 --student out/student --dataset none --plot report.png
+
+Quantization uses ``torch.ao.quantization.quantize_dynamic`` on the ``nn.Linear`` layers. torch 2.14 marks
+``torch.ao.quantization`` deprecated (its successor is torchao's ``quantize_``, a separate package mmkd does not
+depend on); it still works, and its deprecation warnings are silenced here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmkd.reporting.hardware import machine_info
+
+__all__ = [
+    "QUANTIZATION",
+    "compare_throughput",
+    "compression_report",
+    "format_report",
+    "measure_throughput",
+    "quantize_int8",
+    "size_on_disk",
+]
+
+QUANTIZATION = "torch.ao.quantization.quantize_dynamic({nn.Linear}, dtype=torch.qint8)"
+#: dataset names the report knows besides paths and Hub ids; "none" skips the accuracy columns.
+NAMED_DATASETS = ("none", "fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder")
+#: a slowest / fastest timed batch ratio above this flags a disturbed throughput measurement in the Markdown
+DISTURBED_SPREAD = 1.2
+# "owner/name" as the Hub spells dataset ids (mmkd.eval.datasets uses the same pattern)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` dynamically quantized to int8 (weights int8, activations
+    quantized per batch at run time); ``model`` itself is left alone.
+
+    Dynamic quantization needs no calibration data, which is why it is the baseline compression the research notes
+    compare distillation with. Embeddings, LayerNorms and the attention matmuls stay float32.
+    """
+    from torch.ao.quantization import quantize_dynamic
+
+    clone = copy.deepcopy(model).cpu().float().eval()
+    with warnings.catch_warnings():
+        # torch 2.14 warns that torch.ao.quantization and quantize_per_tensor are deprecated; both still work
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated", category=UserWarning)
+        return quantize_dynamic(clone, {nn.Linear}, dtype=torch.qint8)
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+
+
+def size_on_disk(model: nn.Module) -> tuple[int, str]:
+    """(bytes, format) of ``model`` saved to a temporary folder, the way it would be shipped.
+
+    Float ``transformers`` models: ``save_pretrained`` (safetensors + config.json, every file counted). Quantized
+    models: ``torch.save(model.state_dict())`` -- their packed int8 weights are not plain tensors.
+    """
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar is noise in a report
+    try:
+        return _size_on_disk(model)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _size_on_disk(model: nn.Module) -> tuple[int, str]:
+    with tempfile.TemporaryDirectory(prefix="mmkd-size-") as tmp:
+        if _is_quantized(model) or not hasattr(model, "save_pretrained"):
+            path = Path(tmp) / "state_dict.pt"
+            torch.save(model.state_dict(), path)
+            fmt = "torch.save(state_dict)"
+        else:
+            model.save_pretrained(tmp)
+            fmt = "save_pretrained (safetensors)"
+        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()), fmt
+
+
+def _median_rate(times: list[float], batch: int) -> float:
+    return batch / statistics.median(times)
+
+
+def _synthetic_inputs(
+    model: nn.Module, batch_size: int, text_length: int | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed (pixels, input_ids, attention_mask) of the model's image size and context length."""
+    vcfg, tcfg = model.config.vision_config, model.config.text_config
+    context = int(tcfg.max_position_embeddings)
+    length = context if text_length is None else int(text_length)
+    if not 2 <= length <= context:
+        raise ValueError(f"text_length must be in [2, {context}] (the context length), got {text_length}")
+    gen = torch.Generator().manual_seed(seed)
+    size = int(vcfg.image_size)
+    pixels = torch.randn(batch_size, int(vcfg.num_channels), size, size, generator=gen)
+    # the end-of-text id closes every text, where transformers pools (the largest id for legacy eos_token_id=2)
+    eos = int(tcfg.eos_token_id) if tcfg.eos_token_id not in (None, 2) else int(tcfg.vocab_size) - 1
+    ids = torch.randint(0, min(eos, int(tcfg.vocab_size) - 2), (batch_size, length), generator=gen)
+    ids[:, -1] = eos
+    return pixels, ids, torch.ones_like(ids)
+
+
+def compare_throughput(
+    models: dict[str, nn.Module],
+    *,
+    batch_size: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    text_length: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Image and text encoding throughput of several ``CLIPModel`` s (int8 copies included) on this machine.
+
+    Inputs are fixed and synthetic -- ``batch_size`` random images of each model's image size, ``batch_size``
+    texts of ``text_length`` token ids (default: the full context length, what open_clip always runs) ending in
+    the end-of-text id -- so the data pipeline is excluded and every model sees the same work per item. Each
+    encoder first runs ``warmup`` untimed batches; then, ``repeats`` times, every model encodes one image batch and
+    one text batch in turn (``time.perf_counter`` around one ``get_*_features`` call under
+    ``torch.inference_mode``). Interleaving the models spreads a passing load on the machine over all of them
+    instead of charging it to whichever model ran at that moment. The rate is ``batch_size`` / the median time;
+    the individual times are returned too, to judge how disturbed a measurement was. torch's thread count is not
+    touched. ``cpu_share`` is this process's CPU time over the timed phase divided by wall time x threads: near 1
+    (a little less for the serial parts of a forward) when every torch thread had a core to itself, well below
+    when other processes shared the cores -- a steady load slows every batch alike, which the spread of the times
+    does not show.
+
+    Returns ``{name: {"image_per_s", "text_per_s", "image_seconds", "text_seconds", "batch_size", "repeats",
+    "warmup", "image_size", "text_length", "threads", "cpu_share"}}``.
+    """
+    for name, value, minimum in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if not models:
+        raise ValueError("no models to measure")
+    inputs = {}
+    for name, model in models.items():
+        device = next(model.parameters()).device
+        inputs[name] = [t.to(device) for t in _synthetic_inputs(model, batch_size, text_length, seed)]
+
+    def timed(model: nn.Module, fn) -> float:
+        start = time.perf_counter()
+        fn()
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    def image(name: str) -> float:
+        px = inputs[name][0]
+        return timed(models[name], lambda: models[name].get_image_features(pixel_values=px))
+
+    def text(name: str) -> float:
+        _, ids, mask = inputs[name]
+        return timed(models[name], lambda: models[name].get_text_features(input_ids=ids, attention_mask=mask))
+
+    modes = {name: model.training for name, model in models.items()}
+    times: dict[str, dict[str, list[float]]] = {name: {"image": [], "text": []} for name in models}
+    try:
+        for model in models.values():
+            model.eval()
+        with torch.inference_mode():
+            for name in models:
+                for _ in range(warmup):
+                    image(name)
+                    text(name)
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            for _ in range(repeats):
+                for name in models:
+                    times[name]["image"].append(image(name))
+                    times[name]["text"].append(text(name))
+            cpu, wall = time.process_time() - cpu_start, time.perf_counter() - wall_start
+    finally:
+        for name, model in models.items():
+            model.train(modes[name])
+    return {
+        name: {
+            "image_per_s": _median_rate(times[name]["image"], batch_size),
+            "text_per_s": _median_rate(times[name]["text"], batch_size),
+            "image_seconds": times[name]["image"],
+            "text_seconds": times[name]["text"],
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "warmup": warmup,
+            "image_size": int(inputs[name][0].shape[-1]),
+            "text_length": int(inputs[name][1].shape[1]),
+            "threads": torch.get_num_threads(),
+            "cpu_share": cpu / (wall * torch.get_num_threads()),
+        }
+        for name in models
+    }
+
+
+def measure_throughput(model: nn.Module, **kwargs: Any) -> dict[str, Any]:
+    """:func:`compare_throughput` of one model (same keyword arguments, same result for that model)."""
+    return compare_throughput({"model": model}, **kwargs)["model"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _SubsetDataset(torch.utils.data.Dataset):
+    """A subset that keeps the ``name`` and ``classnames`` evaluate_zeroshot reads its defaults from."""
+
+    def __init__(self, ds, indices: list[int]):
+        self.ds, self.indices = ds, indices
+        self.name = getattr(ds, "name", None)
+        self.classnames = getattr(ds, "classnames", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.ds[self.indices[i]]
+
+
+def _fashion_mnist_templates() -> list[str]:
+    from mmkd.data.fashion_mnist import DEFAULT_TEMPLATES
+
+    return [t.replace("{}", "{c}") for t in DEFAULT_TEMPLATES]
+
+
+def load_report_dataset(
+    dataset: Any, data_dir: str | None = None, max_examples: int | None = None, seed: int = 0
+) -> tuple[Any, list[str] | None]:
+    """(dataset, templates or None for evaluate_zeroshot's defaults) for a name, a path or a dataset object.
+
+    ``fashion_mnist``: the offline test split (class-balanced ``max_examples``) with mmkd's Fashion-MNIST prompt
+    templates. Other names and paths: :func:`mmkd.eval.datasets.load_classification_dataset`, and a seeded random
+    subset of ``max_examples`` images (a first-N slice of a class-sorted folder would be one class).
+    """
+    if max_examples is not None and (isinstance(max_examples, bool) or max_examples < 1):
+        raise ValueError(f"max_examples must be >= 1, got {max_examples!r}")
+    if isinstance(dataset, (str, Path)) and str(dataset).lower() == "fashion_mnist":
+        from mmkd.data.fashion_mnist import fashion_mnist_classification
+
+        ds = fashion_mnist_classification("test", data_dir=data_dir, max_examples=max_examples, seed=seed)
+        return ds, _fashion_mnist_templates()
+    if isinstance(dataset, (str, Path)):
+        from mmkd.eval.datasets import DATASETS, load_classification_dataset
+
+        spec = str(dataset)
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise FileNotFoundError(f"data_dir {data_dir!r} is not a directory")
+        is_path = spec.lower() not in (*DATASETS, "imagefolder") and Path(spec).exists()
+        ds = load_classification_dataset(spec, data_dir=None if is_path else data_dir, split="test")
+    else:
+        ds = dataset
+    if len(ds) == 0:
+        raise ValueError(f"dataset {getattr(ds, 'name', dataset)!r} has no images")
+    if max_examples is not None and max_examples < len(ds):
+        gen = torch.Generator().manual_seed(seed)
+        ds = _SubsetDataset(ds, sorted(torch.randperm(len(ds), generator=gen)[:max_examples].tolist()))
+    return ds, None
+
+
+def _check_student_dir(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"student directory {str(path)!r} does not exist")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"student {str(path)!r} is not a save_pretrained folder (no config.json)")
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    if model_type != "clip":
+        raise ValueError(f"student {str(path)!r} has model_type {model_type!r}, not 'clip' (a CLIPModel)")
+
+
+def _check_dataset_name(dataset: Any, data_dir: str | None) -> None:
+    """Cheap checks of a dataset spec, so a typo fails before anything is loaded."""
+    if not isinstance(dataset, (str, Path)) or data_dir is not None:
+        return  # with data_dir, any other name just labels the folder it reads
+    spec = str(dataset)
+    if spec.lower() in NAMED_DATASETS or Path(spec).exists():
+        return
+    if not _HUB_ID.fullmatch(spec):
+        raise ValueError(
+            f"unknown dataset {spec!r}: use none, fashion_mnist, cifar10, cifar100, stl10 (--data-dir with the "
+            "official files), an image folder path, or a Hub id owner/name"
+        )
+
+
+def _teacher_model(teacher: Any, teacher_pretrained: str | None, teacher_processor: Any) -> tuple[Any, Any, str]:
+    """(transformers CLIPModel, CLIPProcessor, name) of a teacher spec, CLIPTeacher or CLIPModel."""
+    from transformers import CLIPModel
+
+    from mmkd.teachers import CLIPTeacher, load_teacher
+
+    if isinstance(teacher, CLIPModel):
+        if teacher_processor is None:
+            raise ValueError("a CLIPModel teacher needs its processor: compression_report(..., teacher_processor=)")
+        return teacher, teacher_processor, getattr(teacher.config, "_name_or_path", "") or "teacher"
+    if isinstance(teacher, (str, Path)):
+        teacher = load_teacher(str(teacher), pretrained=teacher_pretrained)
+    if not isinstance(teacher, CLIPTeacher):
+        raise TypeError(f"teacher must be a spec string, a CLIPTeacher or a CLIPModel, got {type(teacher).__name__}")
+    model = teacher.to_transformers().float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, teacher.transformers_processor(), teacher.name
+
+
+def _student_model(student: Any, student_processor: Any) -> tuple[Any, Any, str]:
+    from transformers import CLIPModel, CLIPProcessor
+
+    if isinstance(student, CLIPModel):
+        if student_processor is None:
+            raise ValueError("a CLIPModel student needs its processor: compression_report(..., student_processor=)")
+        return student, student_processor, getattr(student.config, "_name_or_path", "") or "student"
+    path = Path(student)
+    _check_student_dir(path)
+    model = CLIPModel.from_pretrained(path).float().eval()
+    processor = student_processor if student_processor is not None else CLIPProcessor.from_pretrained(path)
+    return model, processor, str(student)
+
+
+def _layers(model: nn.Module) -> str:
+    cfg = model.config
+    return f"{cfg.vision_config.num_hidden_layers}+{cfg.text_config.num_hidden_layers}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def compression_report(
+    teacher: Any,
+    student: Any,
+    dataset: Any = None,
+    *,
+    teacher_pretrained: str | None = None,
+    teacher_processor: Any = None,
+    student_processor: Any = None,
+    data_dir: str | None = None,
+    max_examples: int | None = None,
+    batch_size: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    text_length: int | None = None,
+    eval_batch_size: int = 256,
+    quantize: bool = True,
+    progress: bool = False,
+    log=None,
+) -> dict[str, Any]:
+    """Measure teacher, student and int8 student; returns a JSON-able dict (see :func:`format_report`).
+
+    Args:
+        teacher: anything :func:`mmkd.teachers.load_teacher` takes (open_clip name / json / checkpoint,
+            transformers folder or hub id), a ``CLIPTeacher``, or a ``CLIPModel`` with ``teacher_processor``. It is
+            measured as its transformers twin (``to_transformers()``), so all rows run the same code.
+        student: a ``save_pretrained`` folder, or a ``CLIPModel`` with ``student_processor``.
+        dataset: ``None`` / ``"none"`` (no accuracy), ``"fashion_mnist"`` (offline test split, mmkd's templates),
+            a name or path for :func:`mmkd.eval.datasets.load_classification_dataset`, or a dataset object of
+            ``(PIL image, label)`` pairs with ``.classnames``.
+        teacher_pretrained: open_clip pretrained tag or checkpoint for a spec-string teacher.
+        data_dir, max_examples: where a named dataset's files are; evaluate on at most this many images.
+        batch_size, repeats, warmup, text_length: throughput settings (:func:`measure_throughput`).
+        eval_batch_size: images / prompts per batch in the accuracy pass (does not change the numbers).
+        quantize: add the int8 row.
+        progress: progress bars in the accuracy pass.
+        log: called with a line per stage (e.g. ``print``), or None.
+
+    Every input is checked (student folder, dataset) and the dataset is loaded before any model is.
+    """
+    say = log or (lambda _msg: None)
+    for name, value, minimum in (
+        ("batch_size", batch_size, 1),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+        ("eval_batch_size", eval_batch_size, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(student, (str, Path)):
+        _check_student_dir(Path(student))
+    if isinstance(teacher, (str, Path)):
+        from mmkd.teachers import resolve_backend
+
+        resolve_backend(str(teacher))  # a teacher folder of neither kind fails here, before anything loads
+    if isinstance(dataset, (str, Path)) and str(dataset).lower() == "none":
+        dataset = None
+    task = None
+    if dataset is not None:
+        _check_dataset_name(dataset, data_dir)
+        say(f"loading dataset {dataset}")
+        task = load_report_dataset(dataset, data_dir=data_dir, max_examples=max_examples)
+
+    say(f"loading teacher {teacher}")
+    t_model, t_proc, t_name = _teacher_model(teacher, teacher_pretrained, teacher_processor)
+    say(f"loading student {student}")
+    s_model, s_proc, s_name = _student_model(student, student_processor)
+    models = [("teacher", t_name, t_model, t_proc), ("student", s_name, s_model, s_proc)]
+    if quantize:
+        say("quantizing the student to int8")
+        models.append(("student int8", f"{s_name} (int8)", quantize_int8(s_model), s_proc))
+
+    say(f"throughput: {repeats} interleaved repeats of batch {batch_size} per encoder")
+    speeds = compare_throughput(
+        {label: model for label, _, model, _ in models},
+        batch_size=batch_size,
+        repeats=repeats,
+        warmup=warmup,
+        text_length=text_length,
+    )
+    rows = []
+    for label, name, model, proc in models:
+        say(f"{label}: size on disk")
+        size_bytes, size_format = size_on_disk(model)
+        speed = speeds[label]
+        row: dict[str, Any] = {
+            "model": label,
+            "name": name,
+            "layers": _layers(model),
+            # an int8 copy has the same weights as its source, packed; its Linear weights are no longer Parameters
+            "parameters": sum(p.numel() for p in (s_model if label == "student int8" else model).parameters()),
+            "size_bytes": size_bytes,
+            "size_mb": size_bytes / 1e6,
+            "size_format": size_format,
+            "image_size": speed["image_size"],
+            "text_length": speed["text_length"],
+            "image_per_s": speed["image_per_s"],
+            "text_per_s": speed["text_per_s"],
+            "image_seconds": speed["image_seconds"],
+            "text_seconds": speed["text_seconds"],
+            # slowest / fastest timed batch: near 1 on a quiet machine, well above it when something else ran
+            "image_spread": max(speed["image_seconds"]) / min(speed["image_seconds"]),
+            "text_spread": max(speed["text_seconds"]) / min(speed["text_seconds"]),
+            "acc1": None,
+            "acc5": None,
+        }
+        if task is not None:
+            from mmkd.eval.zeroshot import evaluate_zeroshot
+
+            say(f"{label}: zero-shot accuracy")
+            ds, templates = task
+            result = evaluate_zeroshot(
+                model,
+                ds,
+                templates=templates,
+                processor=proc,
+                batch_size=eval_batch_size,
+                progress=progress,
+            )
+            row["acc1"], row["acc5"] = result["acc1"], result.get("acc5")
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        row["image_speedup"] = row["image_per_s"] / base["image_per_s"]
+        row["text_speedup"] = row["text_per_s"] / base["text_per_s"]
+
+    dataset_info = None
+    if task is not None:
+        ds, templates = task
+        dataset_info = {
+            "name": str(dataset) if isinstance(dataset, (str, Path)) else getattr(ds, "name", type(ds).__name__),
+            "num_images": len(ds),
+            "num_classes": len(getattr(ds, "classnames", None) or []),
+            "templates": "fashion_mnist (mmkd)" if templates is not None else "evaluate_zeroshot defaults",
+        }
+    return {
+        "teacher": t_name,
+        "teacher_pretrained": teacher_pretrained,
+        "student": s_name,
+        "dataset": dataset_info,
+        "settings": {
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "warmup": warmup,
+            "interleaved": True,
+            "text_length": rows[0]["text_length"],
+            "quantization": QUANTIZATION if quantize else None,
+        },
+        # other processes' CPU use slows every row alike (the models are interleaved): the CPU share tells
+        # whether the absolute rates are this machine's or a shared machine's
+        "machine": {**machine_info(), "cpu_share": speeds["teacher"]["cpu_share"]},
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------------------------
+
+TABLE_HEADER = (
+    "model",
+    "layers (vision+text)",
+    "parameters",
+    "size on disk (MB)",
+    "image enc/s",
+    "text enc/s",
+    "image speed-up vs teacher",
+    "text speed-up vs teacher",
+    "acc@1 (%)",
+    "acc@5 (%)",
+)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def table_cells(row: dict[str, Any]) -> list[str]:
+    """A row of the Markdown table, formatted from the report dict's numbers."""
+    return [
+        row["model"],
+        row["layers"],
+        f"{row['parameters']:,}",
+        f"{row['size_mb']:.2f}",
+        f"{row['image_per_s']:.1f}",
+        f"{row['text_per_s']:.1f}",
+        f"{row['image_speedup']:.2f}×",
+        f"{row['text_speedup']:.2f}×",
+        _pct(row["acc1"]),
+        _pct(row["acc5"]),
+    ]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as Markdown: what was measured where, then the table (one row per model)."""
+    s, m, ds = report["settings"], report["machine"], report["dataset"]
+    teacher = report["teacher"] + (f" ({report['teacher_pretrained']})" if report.get("teacher_pretrained") else "")
+    lines = [
+        f"Teacher: `{teacher}` (measured as its transformers twin); student: `{report['student']}`.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+        + ".",
+        f"Throughput: synthetic inputs, batch {s['batch_size']}, texts of {s['text_length']} tokens, "
+        f"median of {s['repeats']} timed batches (models interleaved) after {s['warmup']} warm-up. Size: bytes written to disk "
+        "(float models: save_pretrained safetensors; int8: torch.save(state_dict)), MB = 10^6 bytes.",
+    ]
+    spread = max(max(r["image_spread"], r["text_spread"]) for r in report["rows"])
+    lines.append(
+        f"Timing spread (slowest / fastest timed batch of an encoder): up to {spread:.2f}×"
+        + (f" -- above {DISTURBED_SPREAD}×, the machine was busy; rerun for clean figures." if spread > DISTURBED_SPREAD
+           else ".")
+    )
+    lines.append(
+        f"CPU share during the timing: {m['cpu_share']:.2f} (CPU time / (wall time x {m['torch_threads']} threads); "
+        "near 1 on an otherwise idle machine, lower when other processes shared the cores, which slows every row "
+        "alike)."
+    )
+    if ds is not None:
+        lines.append(
+            f"Zero-shot accuracy: {ds['name']}, {ds['num_images']:,} images, {ds['num_classes']} classes, "
+            f"templates: {ds['templates']}."
+        )
+    else:
+        lines.append("Zero-shot accuracy: not measured (no dataset).")
+    if s.get("quantization"):
+        lines.append(f"int8: `{s['quantization']}` on a copy of the student.")
+    lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    lines += ["| " + " | ".join(table_cells(row)) + " |" for row in report["rows"]]
+    return "\n".join(lines) + "\n"
+
+

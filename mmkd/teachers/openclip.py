@@ -1,0 +1,142 @@
+"""The open_clip backend: an ``open_clip.CLIP`` with its validation transform and tokenizer, as a frozen teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmkd.data.preprocessing import Preprocessing, TransformImages, vocab_signature
+from mmkd.interop.preprocessing import image_signature_from_open_clip
+from mmkd.teachers.base import CLIPTeacher
+
+PREFIXES = ("hf-hub:", "local-dir:")
+
+
+def claims(name_or_path: str) -> bool:
+    """Whether ``load_teacher(..., backend="auto")`` gives ``name_or_path`` to open_clip: an ``hf-hub:`` /
+    ``local-dir:`` id, a ``*.json`` model config, a folder with an ``open_clip_config.json``, or a model name
+    open_clip knows (``ViT-B-32``)."""
+    if name_or_path.startswith(PREFIXES) or name_or_path.endswith(".json"):
+        return True
+    path = Path(name_or_path)
+    if path.is_dir():
+        return (path / "open_clip_config.json").is_file()
+    import open_clip
+
+    return name_or_path in open_clip.list_models()
+
+
+class _OpenCLIPTexts:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokenizer(texts)}  # (B, context_length)
+
+
+class OpenCLIPTeacher(CLIPTeacher):
+    """An ``open_clip.CLIP`` model with its validation transform and tokenizer."""
+
+    backend = "open_clip"
+
+    def __init__(self, model: nn.Module, preprocess, tokenizer, name: str):
+        super().__init__(model, name)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.context_length = int(getattr(tokenizer, "context_length", 77))
+
+    @staticmethod
+    def _run_with_hidden_states(transformer: nn.Module, fn):
+        """Run ``fn`` while recording the input of the first block and the output of every block, as (B, L, D)."""
+        states: list[torch.Tensor] = []
+        # open_clip's Transformer records whether it runs (N, L, D) or (L, N, D); hidden states are batch-first.
+        batch_first = getattr(transformer, "batch_first", True)
+
+        def as_nld(x: torch.Tensor) -> torch.Tensor:
+            return x if batch_first else x.transpose(0, 1)
+
+        blocks = transformer.resblocks
+        handles = [blocks[0].register_forward_pre_hook(lambda m, args: states.append(as_nld(args[0])))]
+        for blk in blocks:
+            handles.append(blk.register_forward_hook(lambda m, args, out: states.append(as_nld(out))))
+        try:
+            result = fn()
+        finally:
+            for h in handles:
+                h.remove()
+        return result, tuple(states)
+
+    def _encode_image(self, pixel_values, output_hidden_states):
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        if not output_hidden_states:
+            return self.model.encode_image(pixel_values), None
+        return self._run_with_hidden_states(
+            self.model.visual.transformer, lambda: self.model.encode_image(pixel_values)
+        )
+
+    def _encode_text(self, input_ids, attention_mask, output_hidden_states):
+        # open_clip pools at the argmax token id (the end-of-text token), so padding after it - whether open_clip's
+        # zeros or a transformers tokenizer's pad id - changes nothing; the attention mask is implied by causality.
+        input_ids = input_ids.to(self.device)
+        if input_ids.shape[1] < self.context_length:
+            # open_clip adds the full positional table, so ids padded to the longest text are padded up to it.
+            input_ids = F.pad(input_ids, (0, self.context_length - input_ids.shape[1]), value=0)
+        if not output_hidden_states:
+            return self.model.encode_text(input_ids), None
+        return self._run_with_hidden_states(self.model.transformer, lambda: self.model.encode_text(input_ids))
+
+    # -- preprocessing --------------------------------------------------------------------------------------
+    def inputs(self) -> Preprocessing:
+        import open_clip
+
+        return Preprocessing(
+            TransformImages(self.preprocess),
+            _OpenCLIPTexts(self.tokenizer),
+            image_signature_from_open_clip(open_clip.get_model_preprocess_cfg(self.model)),
+            vocab_signature(self.tokenizer.encoder, self.context_length),
+        )
+
+    def to_transformers(self):
+        """The teacher as a full-depth ``transformers.CLIPModel`` (exact weight conversion)."""
+        from mmkd.interop.to_transformers import open_clip_to_transformers
+
+        return open_clip_to_transformers(self.model)
+
+    def transformers_processor(self):
+        from mmkd.interop.to_transformers import open_clip_processor
+
+        return open_clip_processor(self.model)
+
+
+def load(name_or_path: str, pretrained: str | None = None, cache_dir: str | None = None) -> OpenCLIPTeacher:
+    """An open_clip model name, ``hf-hub:`` / ``local-dir:`` id or ``*.json`` config, with optional weights."""
+    import open_clip
+
+    model_name = name_or_path
+    if name_or_path.endswith(".json"):
+        cfg_path = Path(name_or_path)
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"open_clip model config {name_or_path!r} does not exist.")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"open_clip model config {name_or_path!r} is not valid JSON: {e}") from e
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+        if missing:
+            raise ValueError(f"open_clip model config {name_or_path!r} lacks the field(s) {missing}.")
+        open_clip.add_model_config(cfg_path)
+        model_name = cfg_path.stem
+    if pretrained is not None and not name_or_path.startswith(("hf-hub:", "local-dir:")):
+        is_path = any(sep in pretrained for sep in ("/", "\\")) or pretrained.endswith((".pt", ".bin", ".safetensors"))
+        if is_path and not Path(pretrained).is_file():
+            raise FileNotFoundError(f"teacher checkpoint {pretrained!r} does not exist.")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained, cache_dir=cache_dir
+    )
+    tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+    name = model_name if pretrained is None else f"{model_name}/{Path(pretrained).name}"
+    return OpenCLIPTeacher(model, preprocess, tokenizer, name=name)

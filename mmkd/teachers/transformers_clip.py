@@ -1,0 +1,77 @@
+"""The transformers backend: a ``transformers.CLIPModel`` with its ``CLIPProcessor``, as a frozen teacher."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from torch import nn
+
+from mmkd.data.preprocessing import Preprocessing, processor_preprocessing
+from mmkd.teachers.base import CLIPTeacher
+
+
+def claims(name_or_path: str) -> bool:
+    """Whether ``load_teacher(..., backend="auto")`` gives ``name_or_path`` to transformers: a folder holding a CLIP
+    ``config.json`` (``model_type`` ``clip``), or anything that is not a folder (a hub id)."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return True
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "clip"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+class TransformersCLIPTeacher(CLIPTeacher):
+    """A ``transformers.CLIPModel`` with its ``CLIPProcessor``."""
+
+    backend = "transformers"
+
+    def __init__(self, model: nn.Module, processor, name: str):
+        super().__init__(model, name)
+        self.processor = processor
+        self.context_length = int(model.config.text_config.max_position_embeddings)
+
+    def _encode_image(self, pixel_values, output_hidden_states):
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        out = self.model.vision_model(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
+        emb = self.model.visual_projection(out.pooler_output)
+        return emb, (tuple(out.hidden_states) if output_hidden_states else None)
+
+    def _encode_text(self, input_ids, attention_mask, output_hidden_states):
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        out = self.model.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
+        )
+        emb = self.model.text_projection(out.pooler_output)
+        return emb, (tuple(out.hidden_states) if output_hidden_states else None)
+
+    def inputs(self) -> Preprocessing:
+        return processor_preprocessing(self.processor, self.context_length)
+
+    def to_transformers(self):
+        model = copy.deepcopy(self.model)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def transformers_processor(self):
+        return self.processor
+
+
+def load(name_or_path: str, pretrained: str | None = None, cache_dir: str | None = None) -> TransformersCLIPTeacher:
+    """A transformers ``CLIPModel`` hub id or folder, with its ``CLIPProcessor``."""
+    if pretrained is not None:
+        raise ValueError(
+            f"teacher_pretrained={pretrained!r} is an open_clip option; a transformers teacher "
+            f"({name_or_path!r}) takes its weights from the hub id or directory itself."
+        )
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(name_or_path, cache_dir=cache_dir)
+    processor = CLIPProcessor.from_pretrained(name_or_path, cache_dir=cache_dir)
+    return TransformersCLIPTeacher(model, processor, name=name_or_path)
