@@ -33,6 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from mmkd.args import import_script, parse_args
 from mmkd.distributed import shutdown
+from mmkd.trainers import CLIPDistillationConfig
 
 RECIPES = Path(__file__).resolve().parent
 clip_student = import_script(RECIPES / "clip_student.py")
@@ -103,9 +104,11 @@ def stage_argvs(job: JobArguments) -> dict[str, list[str]]:
     scratch_lr = job.scratch_learning_rate or _config_value(job.teacher_config, "learning_rate")
     scratch = [
         *student,
-        # No teacher anywhere: random weights, no teacher terms, CLIP's contrastive loss as when training the teacher.
-        "--student_init", "random", "--image_distill_weight", "0", "--text_distill_weight", "0",
-        "--affinity_weight", "0", "--triplet_weight", "0", "--contrastive_weight", "1.0",
+        # No teacher anywhere: random weights, every term of the loss table off but CLIP's contrastive loss, as when
+        # training the teacher.
+        "--student_init", "random",
+        *[a for name, term in CLIPDistillationConfig.loss_terms.items()
+          for a in (f"--{term.weight}", "1.0" if name == "contrastive" else "0")],
         *(["--learning_rate", str(scratch_lr)] if scratch_lr else []),
         "--output_dir", str(out / "scratch"),
     ]

@@ -43,9 +43,8 @@ class ArchitectureArguments:
 def main(argv: list[str] | None = None) -> dict:
     data_args, arch, args = parse_args(argv, DataArguments, ArchitectureArguments, CLIPDistillationConfig)
     if args.needs_teacher:
-        raise SystemExit(
-            "train_teacher trains from scratch: set image_distill_weight, text_distill_weight and affinity_weight to 0"
-        )
+        weights = [t.weight for t in args.active_terms().values() if any(n.startswith("teacher_") for n in t.needs)]
+        raise SystemExit(f"train_teacher trains from scratch: set {', '.join(weights)} to 0 (they need a teacher)")
     set_seed(args.seed)
     start = time.time()
 

@@ -58,6 +58,6 @@ def test_teacher_from_scratch_then_distilled(tmp_path, fmnist_dir):
 
 def test_distillation_weights_are_refused(tmp_path):
     train_teacher = load_recipe("train_teacher")
-    with pytest.raises(SystemExit, match="from scratch"):
+    with pytest.raises(SystemExit, match="from scratch: set image_distill_weight, affinity_weight to 0"):
         train_teacher.main(["--config", str(REPO / "recipes/configs/fashion_mnist_teacher.yaml"),
-                            "--image_distill_weight", "1.0", "--output_dir", str(tmp_path)])
+                            "--image_distill_weight", "1.0", "--affinity_weight", "0.5", "--output_dir", str(tmp_path)])

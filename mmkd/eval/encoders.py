@@ -89,12 +89,12 @@ def _from_teacher(teacher: CLIPTeacher) -> CLIPEncoder:
 def _from_clip_model(model: nn.Module, processor, name: str) -> CLIPEncoder:
     inputs = processor_preprocessing(processor, int(model.config.text_config.max_position_embeddings))
 
+    # get_*_features' pooler_output is the raw projected embedding (transformers 5)
     def image_fn(px):
-        return model.visual_projection(model.vision_model(pixel_values=px).pooler_output)
+        return model.get_image_features(pixel_values=px).pooler_output
 
     def text_fn(tok):
-        out = model.text_model(input_ids=tok["input_ids"], attention_mask=tok.get("attention_mask"))
-        return model.text_projection(out.pooler_output)
+        return model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok.get("attention_mask")).pooler_output
 
     return CLIPEncoder(model, inputs, name, image_fn, text_fn)
 

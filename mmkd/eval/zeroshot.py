@@ -246,7 +246,7 @@ def _prepare(dataset, data_dir, split, classnames, templates) -> _Task:
 class _Collate:
     """(PIL image, label) pairs -> ((B, 3, H, W) pixels, (B,) labels) with the model's own preprocessing.
 
-    Holds only the preprocessing (``TeacherInputs``), not the model: it pickles cheaply into loader workers.
+    Holds only the preprocessing (``Preprocessing``), not the model: it pickles cheaply into loader workers.
     """
 
     def __init__(self, inputs):

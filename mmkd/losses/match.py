@@ -92,7 +92,7 @@ def sigmoid_bce_distillation(student_logits: Tensor, teacher_logits: Tensor, tem
         temperature: ``T > 0`` dividing both logits.
 
     Returns:
-        Scalar loss, *not* multiplied by ``T²`` (see :class:`MatchDistillationLoss`).
+        Scalar loss, *not* multiplied by ``T²`` (see :class:`SoftLogitLoss`).
     """
     temperature = check_positive("temperature", temperature)
     s, t = same_pairs("student_logits", student_logits, "teacher_logits", teacher_logits)
@@ -130,7 +130,7 @@ def softmax_one_logit_distillation(student_logits: Tensor, teacher_logits: Tenso
     ``softmax([z/T]) = [1]`` for every ``z``, so both distributions are the point mass on the only class, the KL is
     identically 0 and so is its gradient with respect to the student's logit: the student learns nothing from the
     teacher. It is kept, still connected to the autograd graph (so ``backward`` runs and yields exact zeros), only
-    to reproduce that ablation; :class:`MatchDistillationLoss` warns when it is selected.
+    to reproduce that ablation; :class:`SoftLogitLoss` warns when it is selected.
 
     Args:
         student_logits, teacher_logits: ``(B,)`` or ``(B, 1)`` logits (the teacher's are detached).

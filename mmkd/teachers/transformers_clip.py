@@ -36,19 +36,18 @@ class TransformersCLIPTeacher(CLIPTeacher):
 
     def _encode_image(self, pixel_values, output_hidden_states):
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        out = self.model.vision_model(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
-        emb = self.model.visual_projection(out.pooler_output)
-        return emb, (tuple(out.hidden_states) if output_hidden_states else None)
+        # get_image_features' pooler_output is the raw projected embedding (transformers 5)
+        out = self.model.get_image_features(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
+        return out.pooler_output, (tuple(out.hidden_states) if output_hidden_states else None)
 
     def _encode_text(self, input_ids, attention_mask, output_hidden_states):
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        out = self.model.text_model(
+        out = self.model.get_text_features(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
         )
-        emb = self.model.text_projection(out.pooler_output)
-        return emb, (tuple(out.hidden_states) if output_hidden_states else None)
+        return out.pooler_output, (tuple(out.hidden_states) if output_hidden_states else None)
 
     def inputs(self) -> Preprocessing:
         return processor_preprocessing(self.processor, self.context_length)
