@@ -242,6 +242,25 @@ def test_deterministic_for_a_seed_and_different_for_another(built, coco_root):
         assert rows(other[split]) != rows(built[split])
 
 
+# The validation rows (image_id, caption_id, label) the pre-restructure code built: a seed's pairs must not move.
+PINNED_VALIDATION = {
+    (0, "one"): [(203, 2040, 0), (201, 2010, 1), (202, 2034, 0), (204, 2020, 0), (205, 2052, 1), (206, 2060, 1)],
+    (3, "all"): [
+        (201, 2012, 1), (206, 2060, 1), (202, 2021, 1), (206, 2051, 0), (203, 2042, 0), (202, 2052, 0),
+        (201, 2020, 0), (205, 2050, 1), (202, 2033, 0), (205, 2023, 0), (203, 2010, 0), (205, 2041, 0),
+        (203, 2034, 1), (206, 2030, 0), (206, 2063, 1), (203, 2032, 1), (205, 2061, 0), (204, 2053, 0),
+        (206, 2062, 1), (202, 2022, 1), (204, 2040, 1), (201, 2011, 1), (204, 2064, 0), (203, 2031, 1),
+    ],
+}
+
+
+@pytest.mark.parametrize("seed,captions", list(PINNED_VALIDATION))
+def test_the_rows_for_a_seed_are_the_ones_built_before(coco_root, seed, captions):
+    ds = build_coco_matching(coco_root, splits=["validation"], seed=seed, captions=captions)["validation"]
+    got = [(r["image_id"], r["caption_id"], r["label"]) for r in rows(ds)]
+    assert got == PINNED_VALIDATION[seed, captions]
+
+
 def test_each_split_draws_from_its_own_stream(built, coco_root):
     alone = build_coco_matching(coco_root, splits=["validation"])
     assert list(alone) == ["validation"]
@@ -524,6 +543,14 @@ def test_bad_arguments(coco_root, kwargs, message):
 def test_no_root_and_no_files_for_a_split():
     with pytest.raises(ValueError, match=r"no images for split 'validation': pass root="):
         build_coco_matching(annotations={"validation": "val.json"})
+
+
+def test_one_image_filling_over_half_the_mismatched_rows(tmp_path):
+    counts = {1: 10, 2: 1, 3: 1}  # captions="all": image 1 owns 10 of the 12 rows, so most mismatched rows
+    write_split(tmp_path / "val.json", tmp_path / "imgs", counts, folder="val2017")
+    args = {"annotations": {"validation": tmp_path / "val.json"}, "images": {"validation": tmp_path / "imgs"}}
+    with pytest.raises(ValueError, match=r"one image \(id 1\) or its caption texts fill over half of the 6 mismatched"):
+        build_coco_matching(**args, captions="all")
 
 
 def test_too_few_images(coco_root):

@@ -147,6 +147,16 @@ def test_expand_braces_and_shard_specs(cc):
         resolve_shards(str(shards / "*.tgz"))
 
 
+def test_shard_handling_lives_in_webdataset_and_is_re_exported():
+    from mmkd.data import conceptual_captions, webdataset
+
+    for name in ("expand_braces", "resolve_shards", "shard_for_process"):
+        assert getattr(conceptual_captions, name) is getattr(webdataset, name)
+        assert name in conceptual_captions.__all__
+    assert conceptual_captions.IMAGE_EXTENSIONS == ("jpg", "jpeg", "png", "webp")
+    assert set(conceptual_captions.SPLIT_TSV) == {"train", "validation"}
+
+
 def test_map_style_and_streaming_agree_and_count_bad_items(cc, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     ds = load_conceptual_captions(shards=cc["shards"], cache_dir=tmp_path)

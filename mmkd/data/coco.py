@@ -1,44 +1,35 @@
 """COCO captions as a binary image-text matching set: is this caption about this image (``match``) or not?
 
-This is the construction of the research (Fysikoudi, *Knowledge distillation experiments*, section 2), built
-from the official files, per split:
+The research's construction (Fysikoudi, *Knowledge distillation experiments*, section 2), from the official
+files, per split: keep one caption per image (chosen with the seed); shuffle the images and cut them in half;
+the first half keeps its own caption (label 1, ``match``), the second half gets, through a random derangement
+of its own captions (:func:`mmkd.data.pairs.foreign_derangement`), the caption of a *different* image (label
+0, ``mismatch``). Every kept caption and every image is in exactly one row, so neither how often a text nor
+how often an image occurs gives the label away. A mismatch is never a caption of the image itself, nor one
+whose text is that of one of the image's own (COCO has duplicates such as "A man riding a wave on top of a
+surfboard."; compared case-, whitespace- and final-period-insensitively): a true match labelled 0.
 
-1. keep one caption per image (chosen with the seed);
-2. shuffle the images and cut them in half: the first half keeps its own caption (label 1, ``match``), the
-   second half gets the caption of a *different* image (label 0, ``mismatch``).
-
-The mismatched captions are a random derangement of the second half's own captions, so every kept caption
-appears in exactly one row and every image in exactly one row: neither how often a text nor how often an image
-occurs gives the label away. A mismatch is never a caption of the image itself, nor a caption of another image
-whose text is the same as one of the image's own (COCO has duplicates such as "A man riding a wave on top of a
-surfboard."), compared case-, whitespace- and final-period-insensitively; such a pair would be a true match
-labelled 0.
-
-``captions="all"`` uses every caption instead of one: each (image, own caption) pair is a candidate row; the
-rows are shuffled and cut in half (``match`` gets ``N // 2`` rows, ``mismatch`` the other ``N - N // 2``), and
-the mismatched rows' captions are permuted among themselves so that no row gets a caption of its own image.
-Every caption is used in exactly one row, an image with ``c`` captions appears in exactly ``c`` rows (possibly
-both matched and mismatched), and the labels are balanced to within one row whatever the captions per image.
+``captions="all"``: one candidate row per (image, own caption); the rows are cut in half (``match`` gets
+``N // 2``, ``mismatch`` the other ``N - N // 2``) and the mismatched rows' captions permuted the same way.
+Every caption is in exactly one row, an image with ``c`` captions in ``c`` rows (possibly of both labels), and
+the labels are balanced to within one row whatever the captions per image.
 
 ``hard_negatives=`` (the research's suggested extension) gives each mismatched row the caption most similar to
-its own caption (cosine of a CLIP text tower) among the captions of all *other* usable images of the split -
-all their captions, not only the kept ones, so the negatives are as hard as the split allows. Everything else
-(kept captions, which rows match, row order) is the same as the random build for that seed; only the
-mismatched texts change. Hard negatives may repeat: a popular caption can be the nearest neighbour of several
-images.
+its own (cosine of a CLIP text tower) among all captions of all *other* usable images of the split, not only
+the kept ones (:func:`mmkd.data.pairs.hard_negatives`). Kept captions, which rows match and the row order are
+those of the random build for that seed; only the mismatched texts change, and they may repeat.
 
-Bad data (see :mod:`mmkd.data.baddata`) is skipped and counted, or raised with ``strict=True``: image entries
+Bad data (:mod:`mmkd.data.baddata`) is skipped and counted, or raised with ``strict=True``: image entries
 without ``id``/``file_name``, annotation rows lacking ``id``/``image_id``/``caption`` or naming an image
-absent from ``images``, images left without captions, and image files that are missing or unreadable. The
-files are checked *before* the pairs are built, so a bad image never takes a caption with it into another row.
-Fully decoding all 118k train2017 images takes minutes, so by default only the header is read
-(``PIL.Image.open`` without ``load()``: catches missing, empty, non-image and corrupt-header files without
-decoding pixels); ``verify_images=True`` decodes every image completely (also catches truncated files), with a
-progress bar, on ``num_proc`` threads (Pillow releases the GIL while reading and decoding, so threads scale
-without pickling).
+absent from ``images``, images left without captions, and missing or unreadable image files. The files are
+checked *before* the pairs are built, so a bad image never takes a caption with it into another row. By
+default only each file's header is read (decoding all 118k train2017 images takes minutes; the header catches
+missing, empty, non-image and corrupt-header files); ``verify_images=True`` decodes every image (also catching
+truncated files), with a progress bar, on ``num_proc`` threads (Pillow releases the GIL while decoding, so
+threads scale without pickling).
 
-The ``image`` column stores the absolute file path (a ``datasets.Image`` feature), so the table stays small
-and images are decoded only when read.
+The ``image`` column stores the absolute file path (a ``datasets.Image`` feature): the table stays small and
+images are decoded only when read.
 """
 
 from __future__ import annotations
@@ -48,17 +39,14 @@ import logging
 import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
-from mmkd.data.baddata import BadDataReport
+from mmkd.data.baddata import BadDataReport, check_images
+from mmkd.data.pairs import LABEL_NAMES, NoForeignCaption, foreign_derangement, hard_negatives, text_encoder
 
 if TYPE_CHECKING:
     import datasets
@@ -67,16 +55,10 @@ __all__ = ["LABEL_NAMES", "build_coco_matching"]
 
 logger = logging.getLogger(__name__)
 
-LABEL_NAMES = ("mismatch", "match")
 YEARS = (2014, 2017)
 CAPTION_MODES = ("one", "all")
 # Standard-layout split name -> the prefix COCO uses for its folders and annotation files.
 _SPLIT_PREFIX = {"train": "train", "validation": "val"}
-
-# Texts encoded per encode_texts call (the encoder batches further inside); a progress-bar step.
-_ENCODE_CHUNK = 8192
-# Similarity block for hard negatives: queries x pool entries per matmul (2**25 float32 = 128 MiB).
-_SIM_BLOCK_ELEMENTS = 2**25
 
 
 @dataclass(frozen=True)
@@ -134,16 +116,14 @@ def build_coco_matching(
         root: a COCO folder in the standard layout: ``annotations/captions_{train,val}{year}.json`` and the
             image folders ``train{year}/``, ``val{year}/``. Split ``"train"`` reads ``train{year}``,
             ``"validation"`` reads ``val{year}``.
-        annotations: explicit captions JSON per split (``{"train": path, ...}``); overrides ``root`` for those
-            splits.
-        images: explicit image folder per split; overrides ``root`` for those splits.
+        annotations, images: explicit captions JSON / image folder per split (``{"train": path, ...}``);
+            override ``root`` for those splits.
         splits: the splits to build, in order. Default: the keys of ``annotations`` when it is given, else
             ``("train", "validation")``.
         year: 2014 or 2017, the release whose standard layout ``root`` has.
         seed: makes the caption choice, the subset, the halves, the derangement and the row order
-            reproducible.
-            Each split draws from its own stream (seed and split name), so building one split alone gives the
-            same rows as building it with others.
+            reproducible. Each split draws from its own stream (seed and split name), so building one split
+            alone gives the same rows as building it with others.
         captions: ``"one"`` (the research: one caption per image, one row per image) or ``"all"`` (one row per
             caption; see the module docstring for how the labels stay balanced).
         hard_negatives: a text encoder for hard negatives: any object with ``encode_texts(list[str])``
@@ -151,8 +131,7 @@ def build_coco_matching(
             anything :func:`mmkd.eval.encoders.load_encoder` accepts (a model directory / hub id / open_clip
             name - loaded onto the GPU when there is one -, an mmkd ``CLIPTeacher``). ``None``: random
             mismatches.
-        strict: raise :class:`~mmkd.data.baddata.BadDataError` on the first bad image or row instead of
-            skipping.
+        strict: raise :class:`~mmkd.data.baddata.BadDataError` on the first bad image or row, not skip it.
         max_images: for quick runs: a seeded random subset of at most this many images per split, taken before
             the image files are checked (so bad files in the subset leave fewer).
         verify_images: decode every image completely up front instead of reading only its header.
@@ -175,7 +154,7 @@ def build_coco_matching(
     _check_arguments(year, seed, captions, max_images, num_proc)
     sources = _resolve_sources(root, annotations, images, splits, year)
     # Load the encoder before reading anything big: a bad model spec must fail in seconds, not after the scan.
-    encoder = _text_encoder(hard_negatives)
+    encoder = text_encoder(hard_negatives)
 
     features = datasets.Features(
         {
@@ -202,9 +181,7 @@ def build_coco_matching(
         )
         summary = report.log_summary(source.label)
         n_match = int(rows["label"].sum())
-        negatives = (
-            f"hard ({getattr(encoder, 'name', type(encoder).__name__)})" if encoder is not None else "random"
-        )
+        negatives = f"hard ({getattr(encoder, 'name', type(encoder).__name__)})" if encoder else "random"
         description = (
             f"{source.label} image-text matching: {len(rows['label']):,} rows ({n_match:,} match, "
             f"{len(rows['label']) - n_match:,} mismatch) from {split_captions.num_images:,} images; "
@@ -297,17 +274,6 @@ def _resolve_sources(root, annotations, images, splits, year) -> list[_Source]:
     return sources
 
 
-def _text_encoder(spec: Any):
-    """``None``, an object with ``encode_texts`` as is, or whatever ``load_encoder`` makes of ``spec``."""
-    if spec is None or callable(getattr(spec, "encode_texts", None)):
-        return spec
-    from mmkd.eval import encoders  # heavy (model backends): only for hard negatives
-
-    # Only a model this call loads is moved to the GPU; a live model the caller passed stays where it is.
-    device = "cuda" if isinstance(spec, str) and torch.cuda.is_available() else None
-    return encoders.load_encoder(spec, device=device)
-
-
 # --------------------------------------------------------------------------------------------- reading
 
 
@@ -397,7 +363,7 @@ def _read_split(
         ids = [ids[i] for i in pick]
 
     paths = [str(source.images / files[i]) for i in ids]
-    ok = _check_image_files(paths, report, verify, num_proc, source.label)
+    ok = check_images(paths, report, decode=verify, num_proc=num_proc, what=source.label)
     ids = [i for i, good in zip(ids, ok, strict=True) if good]
     paths = [p for p, good in zip(paths, ok, strict=True) if good]
 
@@ -431,45 +397,6 @@ def _is_plain_relative(file_name: str) -> bool:
     return bool(file_name) and not p.is_absolute() and ".." not in p.parts
 
 
-def _probe_image(path: str, decode: bool) -> tuple[str, str] | None:
-    """``None`` if the file is a readable image, else ``(reason, detail)``."""
-    try:
-        with Image.open(path) as img:
-            if decode:
-                img.load()  # full decode: also catches truncated files, which have a valid header
-        return None
-    except FileNotFoundError:
-        return "missing image", ""
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return "unreadable image", f"{type(e).__name__}: {e}"
-
-
-def _check_image_files(
-    paths: list[str], report: BadDataReport, decode: bool, num_proc: int | None, label: str
-) -> list[bool]:
-    """Which images can be read, in order; bad ones are recorded in ``report`` (strict: the first raises)."""
-    from datasets.utils.logging import tqdm  # honours datasets.disable_progress_bars()
-
-    desc = f"{label}: {'decoding' if decode else 'checking'} images"
-    ok = []
-    pool = ThreadPoolExecutor(max_workers=num_proc) if num_proc and num_proc > 1 else None
-    try:
-        results = (
-            pool.map(_probe_image, paths, [decode] * len(paths))
-            if pool
-            else (_probe_image(p, decode) for p in paths)
-        )
-        for path, problem in tqdm(zip(paths, results, strict=True), total=len(paths), desc=desc, unit="img"):
-            if problem is not None:
-                report.bad(problem[0], path, problem[1])  # in order, so strict mode names the first bad file
-            ok.append(problem is None)
-    finally:
-        if pool is not None:
-            # strict mode raised mid-way: don't wait for the remaining (possibly 100k) files to be read
-            pool.shutdown(wait=False, cancel_futures=True)
-    return ok
-
-
 # --------------------------------------------------------------------------------------------- pairing
 
 
@@ -490,8 +417,7 @@ def _build_rows(
         # caption would occur twice, once per label. Three is the least that keeps every caption to one row.
         raise ValueError(
             f"{source.label}: {n} usable image(s); at least 3 are needed to build matched and mismatched "
-            "pairs. "
-            f"{report.summary(source.label)}"
+            f"pairs. {report.summary(source.label)}"
         )
     if mode == "one":
         counts = np.diff(data.offsets)
@@ -512,115 +438,36 @@ def _build_rows(
             row_image[mismatched], row_caption[mismatched], data, derange_rng, source
         )
     else:
-        new_caption[mismatched] = _hard_negatives(
-            row_image[mismatched], row_caption[mismatched], data, encoder, source
+        new_caption[mismatched] = hard_negatives(
+            row_image[mismatched], row_caption[mismatched], data.cap_texts, data.cap_key, data.offsets,
+            encoder, source.label
         )
     final = order_rng.permutation(len(order))
     return {"image": row_image[final], "caption": new_caption[final], "label": labels[final]}
 
 
-def _forbidden_codes(data: _SplitCaptions) -> tuple[np.ndarray, int]:
-    """Sorted codes ``image * K + key`` of every (image, own caption text) pair, and ``K``."""
-    num_keys = int(data.cap_key.max()) + 1
-    return np.unique(data.cap_image * num_keys + data.cap_key), num_keys
-
-
 def _foreign_permutation(
-    row_image: np.ndarray,
-    row_caption: np.ndarray,
-    data: _SplitCaptions,
-    rng: np.random.Generator,
-    source: _Source,
+    row_image: np.ndarray, row_caption: np.ndarray, data: _SplitCaptions, rng: np.random.Generator, source
 ) -> np.ndarray:
     """Permute ``row_caption`` so that no row gets a caption (or the text of a caption) of its own image.
 
-    A random permutation, then each conflicting row swaps with a random row where both ends of the swap become
-    valid. A swap touches only those two rows, so every swap removes at least one conflict; a random
-    permutation has about as many conflicts as the average captions per image (one for ``captions="one"``), so
-    this is a handful of O(n) steps. When no image owns more than half the rows, and no texts repeat across
-    images, a valid partner always exists: the rows blocked for row ``j`` - those of its image or holding its
-    image's captions - number at most ``2c - 1 < n``.
+    Straight to :func:`~mmkd.data.pairs.foreign_derangement`'s targeted repair (``max_rounds=0``): one pass,
+    and the rows COCO builds have always had for a seed. When no image owns more than half the rows, and no
+    texts repeat across images, a valid partner always exists: the rows blocked for row ``j`` (those of its
+    image or holding its image's captions) number at most ``2c - 1 < n``.
     """
-    forbidden, num_keys = _forbidden_codes(data)
+    # Sorted codes image * K + key of every (image, own caption text) pair.
+    num_keys = int(data.cap_key.max()) + 1
+    forbidden = np.unique(data.cap_image * num_keys + data.cap_key)
 
-    def clash(images: np.ndarray, captions: np.ndarray) -> np.ndarray:
-        return np.isin(images * num_keys + data.cap_key[captions], forbidden)
+    def clashes(rows: np.ndarray, sources: np.ndarray) -> np.ndarray:
+        return np.isin(row_image[rows] * num_keys + data.cap_key[row_caption[sources]], forbidden)
 
-    caps = row_caption[rng.permutation(len(row_caption))]
-    for j in np.flatnonzero(clash(row_image, caps)):
-        if not clash(row_image[j : j + 1], caps[j : j + 1])[0]:
-            continue  # an earlier swap already fixed it
-        partners = np.flatnonzero(
-            ~clash(np.full_like(row_image, row_image[j]), caps) & ~clash(row_image, caps[j])
-        )
-        if not len(partners):
-            raise ValueError(
-                f"{source.label}: cannot give every mismatched row a caption of another image: one image (id "
-                f"{data.image_ids[row_image[j]]}) or its caption texts fill over half of the {len(caps)} "
-                "mismatched rows; use more images"
-            )
-        r = partners[rng.integers(len(partners))]
-        caps[j], caps[r] = caps[r], caps[j]
-    return caps
-
-
-def _encode_texts(encoder, texts: list[str], label: str) -> torch.Tensor:
-    from datasets.utils.logging import tqdm
-
-    chunks = []
-    for start in tqdm(range(0, len(texts), _ENCODE_CHUNK), desc=f"{label}: encoding captions", unit="chunk"):
-        chunk = texts[start : start + _ENCODE_CHUNK]
-        emb = torch.as_tensor(encoder.encode_texts(chunk))
-        if emb.ndim != 2 or emb.shape[0] != len(chunk):
-            raise ValueError(
-                f"hard_negatives encoder {type(encoder).__name__}.encode_texts returned shape "
-                f"{tuple(emb.shape)} for {len(chunk)} texts; expected ({len(chunk)}, embedding_dim)"
-            )
-        # Cosine similarity: normalise here too, in case the encoder returns raw embeddings.
-        chunks.append(F.normalize(emb.float(), dim=-1))
-    return torch.cat(chunks)
-
-
-def _hard_negatives(
-    row_image: np.ndarray, row_caption: np.ndarray, data: _SplitCaptions, encoder, source: _Source
-) -> np.ndarray:
-    """For each row, the caption of another image most similar to the row's own caption (first on ties)."""
-    from datasets.utils.logging import tqdm
-
-    # Identical texts are encoded once: COCO repeats captions, and encoding is the expensive step.
-    unique: dict[str, int] = {}
-    cap_unique = np.fromiter(
-        (unique.setdefault(t, len(unique)) for t in data.cap_texts), np.int64, len(data.cap_texts)
-    )
-    # Each text's first caption (image-id, then annotation-id order) stands for it: reproducible on ties.
-    first_caption = np.unique(cap_unique, return_index=True)[1]
-    unique_key = data.cap_key[first_caption]
-    key_to_unique: dict[int, list[int]] = defaultdict(list)
-    for u, key in enumerate(unique_key.tolist()):
-        key_to_unique[key].append(u)
-
-    emb = _encode_texts(encoder, list(unique), source.label)
-    queries = torch.as_tensor(cap_unique[row_caption], device=emb.device)
-    block = max(1, _SIM_BLOCK_ELEMENTS // max(1, len(unique)))
-    best = np.empty(len(row_image), dtype=np.int64)
-    starts = range(0, len(row_image), block)
-    for start in tqdm(starts, desc=f"{source.label}: hard negatives", unit="block"):
-        stop = min(start + block, len(row_image))
-        sims = emb[queries[start:stop]] @ emb.T
-        # Mask every text that is (the same text as) one of the row image's own captions.
-        rows, cols = [], []
-        for r, image in enumerate(row_image[start:stop].tolist()):
-            for key in set(data.cap_key[data.offsets[image] : data.offsets[image + 1]].tolist()):
-                for u in key_to_unique[key]:
-                    rows.append(r)
-                    cols.append(u)
-        sims[
-            torch.as_tensor(rows, device=sims.device), torch.as_tensor(cols, device=sims.device)
-        ] = -torch.inf
-        top = torch.argmax(sims, dim=1)  # the first maximum on ties
-        if torch.isinf(sims.gather(1, top[:, None])).any():
-            raise ValueError(
-                f"{source.label}: an image has no caption of another image with a different text"
-            )
-        best[start:stop] = top.cpu().numpy()
-    return first_caption[best]
+    try:
+        return row_caption[foreign_derangement(len(row_caption), clashes, rng, max_rounds=0)]
+    except NoForeignCaption as e:
+        raise ValueError(
+            f"{source.label}: cannot give every mismatched row a caption of another image: one image (id "
+            f"{data.image_ids[row_image[e.row]]}) or its caption texts fill over half of the "
+            f"{len(row_caption)} mismatched rows; use more images"
+        ) from None

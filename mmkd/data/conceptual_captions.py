@@ -1,81 +1,64 @@
 """Conceptual Captions (CC3M) from the official TSV and images already on disk, as a ``datasets`` dataset.
 
-``load_conceptual_captions`` reads the images a user has downloaded (mmkd never downloads anything) in either of
-the two layouts people use, and returns a ``datasets.Dataset`` (map-style) or ``datasets.IterableDataset``
-(``streaming=True``) with the columns the training side consumes:
-
-- ``image``: a ``datasets.Image(mode="RGB")`` column, read as an RGB PIL image;
-- ``text``: the caption;
-- ``url``: the image's source URL where known (img2dataset's ``.json`` member or the TSV row), else ``None``;
-- ``key``: the img2dataset sample key, a 9-digit row number such as ``"000010003"``.
+:func:`load_conceptual_captions` reads the images a user has downloaded (mmkd never downloads anything) and returns
+a ``datasets.Dataset`` or, with ``streaming=True``, a ``datasets.IterableDataset`` with the columns ``image``
+(``datasets.Image(mode="RGB")``), ``text`` (the caption), ``url`` (from img2dataset's ``.json`` member or the TSV
+row, else ``None``) and ``key`` (the img2dataset sample key, a 9-digit row number such as ``"000010003"``).
 
 Layouts
 -------
-1. **img2dataset webdataset shards** (``shards=``): ``00000.tar``, ``00001.tar``, ... each holding, per sample,
-   ``<key>.jpg`` (or ``.png``/``.webp``), ``<key>.txt`` (the caption) and ``<key>.json`` (img2dataset's metadata:
-   ``key``, ``caption``, ``url``, ``status``, ``width``, ...). The ``<shard>_stats.json`` and ``<shard>.parquet``
-   files img2dataset writes beside the tars are ignored. ``shards`` may be a directory (its ``*.tar`` files), a
-   glob (``cc3m/*.tar``), a brace pattern (``cc3m/{00000..00331}.tar``; every expanded path must exist) or a list of
-   paths or patterns. Shards are read sequentially (``tarfile`` stream mode), so they may be gzip-compressed.
+1. **img2dataset webdataset shards** (``shards=``: a directory, glob, brace pattern such as
+   ``cc3m/{00000..00331}.tar`` or list; see :mod:`mmkd.data.webdataset`): ``00000.tar``, ``00001.tar``, ... each
+   holding ``<key>.jpg`` (or ``.png``/``.webp``), ``<key>.txt`` (the caption) and ``<key>.json`` per sample. The
+   ``<shard>_stats.json`` and ``<shard>.parquet`` files img2dataset writes beside them are ignored.
 2. **A folder of images keyed by TSV row** (``image_dir=`` with ``tsv=``): ``<dir>/12.jpg``, or zero-padded and
    nested as img2dataset's ``--output_format files`` writes it, ``<dir>/00000/000000012.jpg`` (any depth, names
    ``<row>.jpg|.jpeg|.png|.webp``). Each TSV row is matched to its image; the caption comes from the row.
 
-Captions
---------
-With shards, the caption is the ``.txt`` member. A TSV given alongside shards is only a fallback: its row's caption
-(row = the key read as a number) is used when a sample's ``.txt`` member is missing, empty or not UTF-8, and its
-URL when the ``.json`` member is missing. img2dataset's keys are the input row numbers only with its default
-``--number_sample_per_shard 10000`` (any power of ten); when the sample's ``.json`` has a URL and it differs from
-the TSV row's, the row is not used and the sample is skipped as "missing caption". The ``.json``'s own
-``caption`` field is never used: a sample with a ``.json`` but no ``.txt`` was not written completely.
-
-The TSV is ``caption<TAB>url`` per line. A ``caption<TAB>url`` header line (which img2dataset needs, see below)
-is recognised and skipped, so row 0 is the first data line either way and error messages give 1-based file line
-numbers. A row is malformed unless it has exactly two columns, a non-empty caption and an ``http(s)://`` URL.
+The TSV is ``caption<TAB>url`` per line; a ``caption<TAB>url`` header line (which img2dataset needs, see below) is
+skipped, so row 0 is the first data line either way; error messages give 1-based file lines. A row is malformed
+unless it has exactly two columns, a non-empty caption and an ``http(s)://`` URL. With shards the caption is the
+``.txt`` member; a TSV given alongside is only a fallback: its row (the key read as a number) gives the caption of
+a sample whose ``.txt`` is missing, empty or not UTF-8, and the URL when the ``.json`` is missing. Keys are row
+numbers only with img2dataset's default ``--number_sample_per_shard 10000`` (any power of ten), so when the
+``.json`` URL differs from the row's, the row is not used and the sample is skipped as "missing caption". The
+``.json``'s own ``caption`` is never used: a sample with a ``.json`` but no ``.txt`` was not written completely.
 
 Bad data
 --------
 Everything goes through :class:`~mmkd.data.baddata.BadDataReport`: a corrupt or truncated image, a sample with no
 caption or no image member, an unreadable (truncated, not-a-tar) shard and a malformed TSV row are skipped and
-counted, and one summary line names the first few offenders (shard and key, or TSV line). A truncated shard
-keeps the samples before the damage. ``strict=True`` raises :class:`~mmkd.data.baddata.BadDataError` on the first
-one instead. Images are checked by decoding them (JPEGs at 1/8 scale, which reads every byte of the scan), so a
-bad file is found here rather than in a data-loader worker mid-training.
+counted, and one summary line names the first few offenders (shard and key, or TSV line); a truncated shard keeps
+the samples before the damage. ``strict=True`` raises :class:`~mmkd.data.baddata.BadDataError` on the first one
+instead. Images are checked by decoding them (JPEGs at 1/8 scale, which reads every byte of the scan), so a bad
+file is found here rather than in a data-loader worker mid-training.
 
 Dead URLs: 10-30% of CC3M's URLs no longer serve an image, so in the ``image_dir`` layout most TSV rows without an
-image file are expected. They are counted as "missing image" in the summary (not listed as offenders, so that the
-first-offender list shows real corruption) and are not an error. ``strict=True`` still raises on the first one:
-strict mode means "every row must be usable", which suits a TSV already filtered to the downloaded rows, not the
-raw CC3M TSV. (With shards, dead URLs never reach the tars; img2dataset's parquet files record them.)
+image file are expected: counted as "missing image" but not listed as offenders (the list shows real corruption),
+and not an error. ``strict=True`` still raises on the first one ("every row must be usable", which suits a TSV
+filtered to the downloaded rows, not the raw CC3M TSV). Dead URLs never reach the tars (img2dataset's parquet
+files record them).
 
 Map-style or streaming
 ----------------------
-The map-style dataset is written once through ``Dataset.from_generator`` into an Arrow cache (``cache_dir``,
-default the ``datasets`` cache) and memory-mapped, so it costs little RAM. From shards the cache holds a copy of
-every image's bytes - about as much disk as the shards themselves (tens of GB for CC3M's 3.3M training images at
-256 px) - and is reused while the shard and TSV files are unchanged (their sizes and modification times are part
-of the fingerprint). From ``image_dir`` the cache stores file paths, not bytes, so the images must stay in place;
-it is reused while the TSV and the folder's list of file names are unchanged.
-The summary line is logged once, when the cache is written; a cache hit logs nothing more.
+The map-style dataset is written once (``Dataset.from_generator``) into an Arrow cache (``cache_dir``, default the
+``datasets`` cache) and memory-mapped. From shards it holds a copy of every image's bytes (about the shards' size:
+tens of GB for CC3M's 3.3M images at 256 px) and is reused while the shard and TSV files keep their sizes and
+modification times; from ``image_dir`` it stores paths (the images must stay in place) and is reused while the TSV
+and the folder's file names are unchanged. The summary line is logged when the cache is written, not on a hit.
 
-``streaming=True`` reads the shards on the fly: ``IterableDataset.from_generator`` with the shard list in
-``gen_kwargs``, so ``n_shards`` is the number of tars, each ``DataLoader`` worker reads its own shards, and
-:func:`shard_for_process` (``datasets.distributed.split_dataset_by_node``) splits them across processes. Each
-shard's summary line is logged when its generator finishes, in the process that read it. In the ``image_dir``
-layout a stream is split into blocks of 10,000 TSV rows instead. The ``image_dir`` layout builds an in-memory
-index of the folder (about 100 bytes per image); for the full 3.3M images the shards are the better layout.
-
-Under the Hugging Face ``Trainer`` (accelerate) pass the stream unsplit: accelerate already gives every process its
-part of each batch. :func:`shard_for_process` is for hand-written loops where each process builds its own
-``DataLoader``.
+``streaming=True`` reads the shards on the fly, one ``datasets`` shard per tar, so each ``DataLoader`` worker reads
+its own tars and :func:`shard_for_process` splits them across processes; each shard logs its summary line when it
+is done. An ``image_dir`` stream is split into blocks of 10,000 TSV rows and indexes the folder in memory (about
+100 bytes per image: for all 3.3M images the shards are the better layout). Under the Hugging Face ``Trainer`` pass
+the stream unsplit (accelerate gives every process its part of each batch); :func:`shard_for_process` is for
+hand-written loops where each process builds its own ``DataLoader``.
 
 Getting the images
 ------------------
 1. Download ``Train_GCC-training.tsv`` (about 500 MB, 3.3M rows) and ``Validation_GCC-1.1.0-Validation.tsv``
    from https://ai.google.com/research/ConceptualCaptions/download.
-2. img2dataset takes column names from a header line, which the official files lack; add it, as img2dataset's
-   CC3M example does (mmkd skips this header, so the same file serves both)::
+2. Add the header line img2dataset takes column names from, as its CC3M example does (mmkd skips it)::
 
        sed -i '1s/^/caption\\turl\\n/' Train_GCC-training.tsv
 
@@ -93,36 +76,33 @@ Getting the images
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import io
 import json
 import logging
 import os
 import posixpath
-import re
-import tarfile
-import zlib
 from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from PIL import Image
-
-from mmkd.data.baddata import BadDataError, BadDataReport
+from mmkd.data.baddata import BadDataError, BadDataReport, probe_image
+from mmkd.data.webdataset import (  # expand_braces, resolve_shards, shard_for_process: re-exported
+    caption_from_txt,
+    expand_braces,
+    natural_key,
+    resolve_shards,
+    shard_for_process,
+    tar_samples,
+    url_from_json,
+)
 
 if TYPE_CHECKING:
     import datasets
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "SPLIT_TSV",
-    "expand_braces",
-    "load_conceptual_captions",
-    "resolve_shards",
-    "shard_for_process",
+    "IMAGE_EXTENSIONS", "SPLIT_TSV", "expand_braces", "load_conceptual_captions", "resolve_shards", "shard_for_process"
 ]
 
 logger = logging.getLogger(__name__)
@@ -138,94 +118,6 @@ ROWS_PER_BLOCK = 10_000
 
 # Bumped whenever the rows written to the Arrow cache change, so stale caches are not reused.
 _CACHE_FORMAT_VERSION = 1
-
-_GLOB_CHARS = re.compile(r"[*?\[]")
-_BRACE_GROUP = re.compile(r"\{([^{}]*)\}")
-_NUMERIC_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
-
-
-# Shard specifications ----------------------------------------------------------------------------------------------
-def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style braces: ``{00000..00002}`` (zero-padded ranges) and ``{a,b}`` lists, nested or several.
-
-    >>> expand_braces("cc3m/{00000..00002}.tar")
-    ['cc3m/00000.tar', 'cc3m/00001.tar', 'cc3m/00002.tar']
-    >>> expand_braces("{a,b}-{1..2}")
-    ['a-1', 'a-2', 'b-1', 'b-2']
-    """
-    for match in _BRACE_GROUP.finditer(pattern):
-        body = match.group(1)
-        numeric = _NUMERIC_RANGE.fullmatch(body)
-        if numeric:
-            lo, hi = numeric.groups()
-            padded = any(len(s.lstrip("-")) > 1 and s.lstrip("-").startswith("0") for s in (lo, hi))
-            width = max(len(lo), len(hi)) if padded else 0
-            step = 1 if int(hi) >= int(lo) else -1
-            items = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + step, step)]
-        elif "," in body:
-            items = body.split(",")
-        else:
-            continue  # a literal "{x}" is left alone, as the shell does
-        head, tail = pattern[: match.start()], pattern[match.end() :]
-        return [expanded for item in items for expanded in expand_braces(head + item + tail)]
-    return [pattern]
-
-
-def _natural_key(path: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
-
-
-def _resolve_one(spec: str | os.PathLike) -> list[str]:
-    text = os.fspath(spec)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        tars = sorted((str(p) for p in path.glob("*.tar")), key=_natural_key)
-        if not tars:
-            raise FileNotFoundError(f"shards={text!r}: no .tar files in this directory")
-        return tars
-    if "{" in text:
-        expanded = [os.path.expanduser(p) for p in expand_braces(text)]
-        if len(expanded) > 1 or expanded[0] != os.path.expanduser(text):
-            missing = [p for p in expanded if not os.path.isfile(p)]
-            if missing:
-                raise FileNotFoundError(
-                    f"shards={text!r}: {len(missing):,} of the {len(expanded):,} shards it names do not exist "
-                    f"(first: {', '.join(missing[:3])}); narrow the range or use a glob such as '*.tar'"
-                )
-            return expanded
-    if _GLOB_CHARS.search(text):
-        matched = sorted(
-            (p for p in glob.glob(os.path.expanduser(text), recursive=True) if os.path.isfile(p)),
-            key=_natural_key,
-        )
-        if not matched:
-            raise FileNotFoundError(f"shards={text!r}: no files match this pattern")
-        return matched
-    if not path.is_file():
-        raise FileNotFoundError(f"shards: no such file {text!r}")
-    return [str(path)]
-
-
-def resolve_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Turn a shard specification into an ordered list of existing tar paths, or raise ``FileNotFoundError``.
-
-    ``shards`` is a directory (its ``*.tar`` files in natural order), a glob, a brace pattern such as
-    ``cc3m/{00000..00331}.tar`` (all of whose paths must exist), a single file, or a list of any of these.
-    """
-    if isinstance(shards, (str, os.PathLike)):
-        specs = [shards]
-    elif isinstance(shards, Sequence):
-        specs = list(shards)
-        if not specs:
-            raise FileNotFoundError("shards=[]: no shards given")
-    else:
-        raise TypeError(f"shards must be a path, a pattern or a list of them, not {type(shards).__name__}")
-    resolved: list[str] = []
-    for spec in specs:
-        if not isinstance(spec, (str, os.PathLike)):
-            raise TypeError(f"shards: {spec!r} is not a path")
-        resolved.extend(_resolve_one(spec))
-    return list(dict.fromkeys(resolved))  # drop repeats, keep order
 
 
 # TSV ---------------------------------------------------------------------------------------------------------------
@@ -321,16 +213,12 @@ def _tsv_fallback(tsv: str, key: str, json_url: str | None) -> tuple[str, str]:
 
 
 # Images ------------------------------------------------------------------------------------------------------------
-def _image_ok(data: bytes, report: BadDataReport, where: str) -> bool:
-    """Decode ``data`` (JPEGs at 1/8 scale: every byte is still read) and count it if PIL cannot."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
-        return True
-    except Exception as e:  # PIL raises many types on crafted/corrupt files, and none may stop a run
-        report.bad("unreadable image", where, f"{type(e).__name__}: {e}")
-        return False
+def _image_ok(source: bytes | str, report: BadDataReport, where: str) -> bool:
+    """Decode the image (JPEGs at 1/8 scale: every byte is still read) and count it as bad if PIL cannot."""
+    problem = probe_image(source, draft=True)
+    if problem is not None:
+        report.bad(problem[0], where, problem[1])
+    return problem is None
 
 
 def _count_missing_image(report: BadDataReport, where: str) -> None:
@@ -346,7 +234,7 @@ def _scan_image_dir(root: str) -> dict[int, str]:
     index: dict[int, str] = {}
     duplicates: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort(key=_natural_key)
+        dirnames.sort(key=natural_key)
         for name in sorted(filenames):
             stem, dot, ext = name.rpartition(".")
             if not dot or ext.lower() not in IMAGE_EXTENSIONS or not (stem.isascii() and stem.isdigit()):
@@ -380,66 +268,8 @@ def _image_index(image_dir: str, *, rescan: bool = False) -> dict[int, str]:
 
 
 # Generators --------------------------------------------------------------------------------------------------------
-def _tar_samples(shard: str, report: BadDataReport) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {extension: bytes})`` for each run of consecutive members sharing a key (webdataset order).
-
-    A shard that cannot be read to its end is counted once as "unreadable shard"; the samples before the damage
-    are still yielded, the one being read when it happened is dropped.
-    """
-    current: str | None = None
-    members: dict[str, bytes] = {}
-    done = 0
-    try:
-        with tarfile.open(shard, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = posixpath.basename(member.name)
-                stem, dot, ext = base.partition(".")
-                if not dot or not stem or base.startswith("."):
-                    continue  # not a webdataset member (no extension), or a hidden/resource-fork file
-                key = posixpath.join(posixpath.dirname(member.name), stem)
-                if key != current:
-                    if current is not None:
-                        yield current, members
-                        done += 1
-                    current, members = key, {}
-                handle = tar.extractfile(member)
-                members[ext.lower()] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        after = f"after {done:,} samples" + (f", in key {posixpath.basename(current)}" if current else "")
-        report.seen += (
-            1  # the sample being read (or the shard itself): a skip is always one of the items seen
-        )
-        report.bad("unreadable shard", shard, f"{type(e).__name__}: {e}; {after}")
-        return
-    if current is not None:
-        yield current, members
-
-
-def _caption_from_txt(raw: bytes | None) -> tuple[str | None, str]:
-    if raw is None:
-        return None, "no .txt member"
-    try:
-        text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None, ".txt member is not UTF-8"
-    return (text, "") if text else (None, "empty .txt member")
-
-
-def _url_from_json(raw: bytes | None) -> str | None:
-    if raw is None:
-        return None
-    try:
-        meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    url = meta.get("url") if isinstance(meta, dict) else None
-    return url if isinstance(url, str) and url else None
-
-
 def _shard_rows(shard: str, tsv: str | None, report: BadDataReport) -> Iterator[dict[str, Any]]:
-    for key_path, members in _tar_samples(shard, report):
+    for key_path, members in tar_samples(shard, report):
         key = posixpath.basename(key_path)
         where = f"{shard}, key {key}"
         report.seen += 1
@@ -447,8 +277,8 @@ def _shard_rows(shard: str, tsv: str | None, report: BadDataReport) -> Iterator[
         if image_ext is None:
             report.bad("no image member", where, f"members: {', '.join(sorted(members))}")
             continue
-        url = _url_from_json(members.get("json"))
-        caption, problem = _caption_from_txt(members.get("txt"))
+        url = url_from_json(members.get("json"))
+        caption, problem = caption_from_txt(members.get("txt"))
         if caption is None and tsv is not None:
             try:
                 caption, url = _tsv_fallback(tsv, key, url)
@@ -479,9 +309,7 @@ def _finish(rows: Iterator[dict[str, Any]], report: BadDataReport, what: str, ma
     report.log_summary(what)
 
 
-def _generate_from_shards(
-    shards: Sequence[str], tsv: str | None, split: str, strict: bool, max_samples: int | None
-):
+def _generate_from_shards(shards: Sequence[str], tsv: str | None, split: str, strict: bool, max_samples: int | None):
     """Rows of the given tar shards; ``datasets`` calls it once per shard when streaming, once in all otherwise."""
     report = BadDataReport(strict=strict)
     what = f"Conceptual Captions {split} " + (shards[0] if len(shards) == 1 else f"({len(shards):,} shards)")
@@ -490,12 +318,7 @@ def _generate_from_shards(
 
 
 def _generate_from_image_dir(
-    blocks: Sequence[tuple[int, int]],
-    tsv: str,
-    image_dir: str,
-    split: str,
-    strict: bool,
-    max_samples: int | None,
+    blocks: Sequence[tuple[int, int]], tsv: str, image_dir: str, split: str, strict: bool, max_samples: int | None
 ):
     """Rows of the TSV row ranges ``blocks`` matched to the images of ``image_dir``."""
     report = BadDataReport(strict=strict)
@@ -518,18 +341,8 @@ def _generate_from_image_dir(
                     _count_missing_image(report, f"{where} (row {row})")
                     continue
                 path = os.path.join(image_dir, rel)
-                try:
-                    data = Path(path).read_bytes()
-                except OSError as e:
-                    report.bad("unreadable image", f"{path} ({where})", f"{type(e).__name__}: {e}")
-                    continue
-                if _image_ok(data, report, f"{path} ({where})"):
-                    yield {
-                        "image": {"path": path, "bytes": None},
-                        "text": caption,
-                        "url": url,
-                        "key": f"{row:09d}",
-                    }
+                if _image_ok(path, report, f"{path} ({where})"):
+                    yield {"image": {"path": path, "bytes": None}, "text": caption, "url": url, "key": f"{row:09d}"}
 
     yield from _finish(rows(), report, what, max_samples)
 
@@ -539,14 +352,8 @@ def _features() -> datasets.Features:
     """The columns of every Conceptual Captions dataset built here."""
     import datasets
 
-    return datasets.Features(
-        {
-            "image": datasets.Image(mode="RGB"),
-            "text": datasets.Value("string"),
-            "url": datasets.Value("string"),
-            "key": datasets.Value("string"),
-        }
-    )
+    string = datasets.Value("string")
+    return datasets.Features({"image": datasets.Image(mode="RGB"), "text": string, "url": string, "key": string})
 
 
 def _resolve_tsv(tsv: str | os.PathLike, split: str) -> str:
@@ -609,9 +416,7 @@ def load_conceptual_captions(
     from datasets.exceptions import DatasetGenerationError
 
     if split not in SPLIT_TSV:
-        raise ValueError(
-            f"split={split!r}: Conceptual Captions has the splits {', '.join(map(repr, SPLIT_TSV))}"
-        )
+        raise ValueError(f"split={split!r}: Conceptual Captions has the splits {', '.join(map(repr, SPLIT_TSV))}")
     if max_samples is not None and (
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
     ):
@@ -632,11 +437,7 @@ def load_conceptual_captions(
     if shards is not None:
         shard_paths = resolve_shards(shards)
         logger.info(
-            "Conceptual Captions %s: %d shard(s), %s ... %s",
-            split,
-            len(shard_paths),
-            shard_paths[0],
-            shard_paths[-1],
+            "Conceptual Captions %s: %d shard(s), %s ... %s", split, len(shard_paths), shard_paths[0], shard_paths[-1]
         )
         generator = _generate_from_shards
         common = {"tsv": tsv_path, "split": split, "strict": strict}
@@ -654,11 +455,7 @@ def load_conceptual_captions(
             )
         n_rows = len(_tsv_index(tsv_path))
         logger.info(
-            "Conceptual Captions %s: %s images in %s for %s TSV rows",
-            split,
-            f"{len(images):,}",
-            root,
-            f"{n_rows:,}",
+            "Conceptual Captions %s: %s images in %s for %s TSV rows", split, f"{len(images):,}", root, f"{n_rows:,}"
         )
         generator = _generate_from_image_dir
         common = {"tsv": tsv_path, "image_dir": root, "split": split, "strict": strict}
@@ -672,21 +469,15 @@ def load_conceptual_captions(
     if streaming:
         # A list in gen_kwargs is what datasets splits across DataLoader workers and nodes (n_shards = its length).
         ds = datasets.IterableDataset.from_generator(
-            generator,
-            features=feats,
-            gen_kwargs={sources_key: sources, **common, "max_samples": None},
-            split=datasets.Split(split),
+            generator, features=feats, gen_kwargs={sources_key: sources, **common, "max_samples": None},
+            split=datasets.Split(split)
         )
         return ds.take(max_samples) if max_samples is not None else ds
 
     # A tuple is not split: one generator call reads everything, so one report and one summary line.
     fingerprint = _fingerprint(
-        mode=sources_key,
-        tsv=_file_signature(tsv_path) if tsv_path else None,
-        split=split,
-        strict=strict,
-        max_samples=max_samples,
-        **signature,
+        mode=sources_key, tsv=_file_signature(tsv_path) if tsv_path else None, split=split, strict=strict,
+        max_samples=max_samples, **signature
     )
     try:
         return datasets.Dataset.from_generator(
@@ -701,41 +492,3 @@ def load_conceptual_captions(
         if isinstance(e.__cause__, BadDataError):
             raise e.__cause__ from None  # strict mode: the error naming the shard/key or line, not datasets' wrapper
         raise
-
-
-def shard_for_process(
-    dataset: datasets.Dataset | datasets.IterableDataset,
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> datasets.Dataset | datasets.IterableDataset:
-    """This process's part of ``dataset``: ``datasets.distributed.split_dataset_by_node(dataset, rank, world_size)``.
-
-    ``rank`` and ``world_size`` default to ``torch.distributed``'s when it is initialised, else to the ``RANK`` and
-    ``WORLD_SIZE`` environment variables (``torchrun`` sets both), else to a single process. A stream whose number
-    of shards is a multiple of ``world_size`` is split by shard (each process reads only its tars); otherwise every
-    process reads every tar and keeps one sample in ``world_size``. The parts are disjoint and together complete.
-
-    Not for the Hugging Face ``Trainer``: accelerate already splits each batch across processes.
-    """
-    from datasets import IterableDataset
-    from datasets.distributed import split_dataset_by_node
-
-    if rank is None or world_size is None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
-    if world_size == 1:
-        return dataset
-    if isinstance(dataset, IterableDataset) and dataset.num_shards % world_size:
-        logger.info(
-            "%d shards do not divide among %d processes: each process reads every shard and keeps 1 sample in %d",
-            dataset.num_shards,
-            world_size,
-            world_size,
-        )
-    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
