@@ -12,16 +12,8 @@ import pytest
 import torch
 
 from mmkd import cli
-from mmkd.eval.bias import (
-    DEFAULT_PROFESSIONS,
-    BiasReport,
-    build_prompts,
-    compare_bias,
-    gender_profession_bias,
-    load_word_lists,
-    weat_effect_size,
-    weat_p_value,
-)
+from mmkd.eval.bias import BiasReport, compare_bias, gender_profession_bias, weat_effect_size, weat_p_value
+from mmkd.eval.bias_words import DEFAULT_PROFESSIONS, build_prompts, load_word_lists
 from mmkd.reporting.plots import bias_plot
 from tests.conftest import REPO, TINY_OPEN_CLIP_CONFIG
 
@@ -163,7 +155,8 @@ def test_weat_p_value_random_partitions():
     p, exact, partitions = weat_p_value(s_x, s_y, permutations=10, seed=3)
     assert exact is False and partitions == 11
     assert p == weat_p_value(s_x, s_y, permutations=10, seed=3)[0]  # seeded
-    assert 1 / 11 <= p <= 1
+    # (hits + 1) / (10 + 1): a multiple of 1/11, never below it (the observed partition counts)
+    assert 1 / 11 <= p <= 1 and p * 11 == pytest.approx(round(p * 11), abs=1e-9)
     rng = np.random.default_rng(0)
     x, y = rng.normal(0.3, 1, 8), rng.normal(0, 1, 8)
     p_exact, exact, n = weat_p_value(x, y, permutations=20000)  # C(16, 8) = 12870
@@ -172,6 +165,47 @@ def test_weat_p_value_random_partitions():
     assert not exact and abs(p_random - p_exact) < 0.03
     with pytest.raises(ValueError, match="permutations"):
         weat_p_value(x, y, permutations=0)
+
+
+@pytest.mark.parametrize(
+    ("nx", "ny", "permutations", "seed"), [(3, 3, 10000, 0), (4, 3, 35, 0), (8, 8, 500, 7), (20, 20, 300, 1)]
+)
+def test_weat_p_value_is_scipys_permutation_test(nx, ny, permutations, seed):
+    from scipy import stats
+
+    rng = np.random.default_rng(nx * 100 + ny)
+    x, y = rng.normal(0.2, 1, nx), rng.normal(0, 1, ny)
+    p, exact, partitions = weat_p_value(x, y, permutations=permutations, seed=seed)
+    expected = stats.permutation_test(
+        (x, y),
+        lambda a, b, axis: a.mean(axis=axis) - b.mean(axis=axis),
+        permutation_type="independent",
+        vectorized=True,
+        n_resamples=permutations,
+        alternative="greater",
+        rng=np.random.default_rng(seed),
+    )
+    assert p == expected.pvalue
+    n = math.comb(nx + ny, nx)
+    assert exact is (n <= permutations)  # C(4+3, 4) = 35 <= 35 is still enumerated
+    assert partitions == (n if exact else permutations + 1)
+    assert len(expected.null_distribution) == (n if exact else permutations)
+
+
+def test_weat_p_value_with_a_set_of_one_score():
+    # scipy needs two values per set; one value: the n partitions are which value forms the set.
+    # X = {0.3} among {0.5, 0.3, 0.1, 0.0}: t_i rises with the chosen value, 0.5 and 0.3 reach t -> 2 of 4
+    assert weat_p_value([0.3], [0.5, 0.1, 0.0]) == (pytest.approx(2 / 4), True, 4)
+    # Y = {0.1}: t = mean X - 0.1 is reached when Y is 0.1 or 0.0 -> 2 of 4
+    assert weat_p_value([0.5, 0.3, 0.0], [0.1]) == (pytest.approx(2 / 4), True, 4)
+    p, exact, partitions = weat_p_value([0.5], [0.3, 0.1, 0.0, -0.1, -0.2], permutations=3, seed=0)
+    assert exact is False and partitions == 4
+    assert 1 / 4 <= p <= 1 and p * 4 == pytest.approx(round(p * 4), abs=1e-9)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(1, 1, 1), rng.normal(0, 1, 6000)  # 6001 partitions
+    p_exact, exact, _ = weat_p_value(x, y)
+    p_random, random_exact, _ = weat_p_value(x, y, permutations=4000, seed=2)
+    assert exact and not random_exact and abs(p_random - p_exact) < 0.03  # ~4 standard errors
 
 
 def test_compare_identical_reports():

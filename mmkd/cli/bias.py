@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.cli import CommandError, one_line
-from mmkd.eval.bias import SIGN_CONVENTION, BiasReport, compare_bias, gender_profession_bias, load_word_lists
+from mmkd.eval.bias import SIGN_CONVENTION, BiasReport, compare_bias, gender_profession_bias
+from mmkd.eval.bias_words import load_word_lists
 from mmkd.reporting.plots import bias_plot
 from mmkd.reporting.tables import fmt
 

@@ -1,8 +1,9 @@
 """Gender-profession association in a CLIP text tower, and how it carries over from teacher to student.
 
-Every word (profession or gender term) is put into caption templates, encoded by the model's text tower, and its
-L2-normalised template embeddings are averaged and renormalised (CLIP's prompt ensembling, Radford et al. 2021).
-With ``p`` a profession embedding, ``A`` the male-term and ``B`` the female-term embeddings:
+Every word (profession or gender term) is put into caption templates (:mod:`mmkd.eval.bias_words`: the shipped
+WinoBias professions, gender terms and templates, and their overrides), encoded by the model's text tower, and
+its L2-normalised template embeddings are averaged and renormalised (CLIP's prompt ensembling, Radford et al.
+2021). With ``p`` a profession embedding, ``A`` the male-term and ``B`` the female-term embeddings:
 
 * ``mean_cos_male(p) = mean_{a in A} cos(p, a)``, ``mean_cos_female(p) = mean_{b in B} cos(p, b)``;
 * association ``s(p) = mean_cos_male(p) - mean_cos_female(p)``: **positive = male-associated**, negative =
@@ -15,241 +16,50 @@ and attribute sets A = male terms, B = female terms; ``s(w) = s(w, A, B)`` is th
 
 * effect size ``d = (mean_{x in X} s(x) - mean_{y in Y} s(y)) / std_{w in X u Y} s(w)``, with the *sample*
   standard deviation (``ddof=1``);
-* one-sided permutation test of the statistic ``t(X, Y) = mean_X s - mean_Y s`` (for ``|X| = |Y|`` this is
-  Caliskan's ``sum_X s - sum_Y s`` divided by ``|X|``, so the p-value is the same) over the re-partitions
-  ``(X_i, Y_i)`` of ``X u Y`` into sets of sizes ``|X|`` and ``|Y|``: ``p = #{i : t(X_i, Y_i) >= t(X, Y)} / #{i}``.
-  When ``C(|X|+|Y|, |X|) <= permutations`` every partition is enumerated (exact; the observed one is among them,
-  so ``p >= 1 / C``). Otherwise ``permutations`` random partitions are drawn with ``numpy.random.default_rng(seed)``
-  and the observed partition is counted with them: ``p = (#{random i : t_i >= t} + 1) / (permutations + 1)``,
-  never 0. Ties within 1e-10 (relative) count as ``>=``.
+* one-sided p-value of ``t(X, Y) = mean_X s - mean_Y s`` (for ``|X| = |Y|`` Caliskan's ``sum_X s - sum_Y s``
+  over ``|X|``: the same p-value) from ``scipy.stats.permutation_test`` (``permutation_type="independent"``,
+  ``alternative="greater"``) over the re-partitions ``(X_i, Y_i)`` of ``X u Y`` into sets of sizes ``|X|``,
+  ``|Y|``. When ``C = C(|X|+|Y|, |X|) <= permutations`` scipy enumerates every partition (exact; the observed
+  one is among them, so ``p >= 1 / C``): ``p = #{i : t_i >= t - g} / C``. Otherwise it draws ``permutations``
+  random permutations (uniform, with replacement, from ``numpy.random.default_rng(seed)``) and counts the
+  observed partition with them: ``p = (#{i : t_i >= t - g} + 1) / (permutations + 1)``, never 0. The tie
+  tolerance is scipy's, relative to the observed statistic: ``g = 100 * eps_float64 * |t|`` (2.2e-14 |t|).
+  scipy refuses a set of one score; that case (``n`` partitions: which score forms the set) is computed by the
+  same rule in numpy, its random partitions drawn as ``default_rng(seed).integers(n, size=permutations)``.
 
 A large positive ``d`` means the model puts male-stereotyped professions closer to male terms than
 female-stereotyped ones; ``d`` is unitless (roughly -2..2) and comparable across models whose raw cosines differ.
-
-Word lists (``mmkd/eval/data``; one entry a line, lines starting with ``#`` and blank lines skipped):
-
-* ``bias_professions.txt``: the 40 occupations of WinoBias (Zhao et al., NAACL 2018, Table 1;
-  github.com/uclanlp/corefBias), 20 male-dominated and 20 female-dominated by US Bureau of Labor Statistics
-  data, written ``profession, male|female``. A line without a stereotype is scored but is in neither X nor Y.
-* ``bias_male_terms.txt`` / ``bias_female_terms.txt``: 12 matched pairs (man/woman, boy/girl, father/mother,
-  son/daughter, brother/sister, husband/wife, gentleman/lady, uncle/aunt, nephew/niece, grandfather/grandmother,
-  king/queen, male/female), from Bolukbasi et al. (NeurIPS 2016) definitional pairs and Caliskan et al.'s WEAT 7/8
-  attribute words, extended with kinship/title pairs. Pronouns and plurals (he, men) are left out: every word goes
-  through the same caption templates, and "a photo of a he." is not a caption.
-* ``bias_templates.txt``: four of CLIP's 80 ImageNet zero-shot templates ("a photo of {a} {}.", "a close-up photo
-  of {a} {}.", "a good photo of {a} {}.", "a drawing of {a} {}."), averaged. ``{}`` is the word and the optional
-  ``{a}`` its indefinite article ("an accountant", "a nurse").
-
-Each list can be overridden by a file path or a Python list (professions also by ``(name, stereotype)`` pairs or a
-``{name: stereotype}`` mapping; a string entry uses the file syntax). Templates may also be given as one template
-string (anything containing ``{``).
 
     >>> report = gender_profession_bias("openai/clip-vit-base-patch32")
     >>> student = gender_profession_bias("out/student")
     >>> compare_bias(report, student)["spearman_rho"]
     >>> mmkd.reporting.plots.bias_plot(report, compare_to=student, path="bias.png")
 
-CLI: ``python -m mmkd.eval.bias --model out/student --compare-to openai/clip-vit-base-patch32 --plot bias.png``.
+CLI: ``mmkd bias --model out/student --compare-to openai/clip-vit-base-patch32 --plot bias.png``
+(:mod:`mmkd.cli.bias`; ``python -m mmkd.eval.bias`` runs the same command).
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 import numbers
 import os
-import string
-import sys
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-DEFAULT_PROFESSIONS = DATA_DIR / "bias_professions.txt"
-DEFAULT_MALE_TERMS = DATA_DIR / "bias_male_terms.txt"
-DEFAULT_FEMALE_TERMS = DATA_DIR / "bias_female_terms.txt"
-DEFAULT_TEMPLATES = DATA_DIR / "bias_templates.txt"
+from mmkd.eval.bias_words import build_prompts, load_word_lists
 
-STEREOTYPES = ("male", "female")
 SIGN_CONVENTION = (
     "association = mean cos(profession, male terms) - mean cos(profession, female terms); "
     "positive = male-associated"
 )
-_TIE_TOLERANCE = 1e-10
-_CHUNK = 65536
-
-PathLike = str | os.PathLike
-
-
-# --------------------------------------------------------------------------------------------- word lists
-
-
-def read_list_file(path: PathLike, what: str = "word list") -> list[str]:
-    """Entries of a list file: stripped lines, skipping blank lines and ``#`` comment lines."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {what} file {str(path)!r}: {e}") from e
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-
-
-def _parse_profession(entry: str, where: str) -> tuple[str, str | None]:
-    parts = [part.strip() for part in entry.split(",")]
-    if len(parts) > 2 or not parts[0]:
-        raise ValueError(f"{where}: expected 'profession' or 'profession, male|female', got {entry!r}")
-    return parts[0], _check_stereotype(parts[1] if len(parts) == 2 else None, parts[0], where)
-
-
-def _check_stereotype(label, name: str, where: str) -> str | None:
-    if label is None or label == "":
-        return None
-    if not isinstance(label, str) or label.strip().lower() not in STEREOTYPES:
-        raise ValueError(
-            f"{where}: stereotype of {name!r} must be 'male' or 'female' (or none), got {label!r}"
-        )
-    return label.strip().lower()
-
-
-def _check_unique(words: Sequence[str], what: str) -> None:
-    seen: set[str] = set()
-    for w in words:
-        if w in seen:
-            raise ValueError(f"{what}: {w!r} is listed twice")
-        seen.add(w)
-
-
-def load_professions(professions=None) -> tuple[list[str], list[str | None]]:
-    """Profession names and their stereotypes (``'male'``, ``'female'`` or ``None``).
-
-    ``professions``: ``None`` (the shipped WinoBias list), a file path, a ``{name: stereotype}`` mapping, or a
-    sequence of strings (file syntax: ``"nurse"`` or ``"nurse, female"``) and/or ``(name, stereotype)`` pairs.
-    """
-    if professions is None:
-        professions = DEFAULT_PROFESSIONS
-    entries: list[tuple[str, str | None]] = []
-    if isinstance(professions, (str, os.PathLike)):
-        for i, line in enumerate(read_list_file(professions, "professions"), 1):
-            entries.append(_parse_profession(line, f"professions file {str(professions)!r}, entry {i}"))
-    elif isinstance(professions, Mapping):
-        for name, label in professions.items():
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"professions: names must be non-empty strings, got {name!r}")
-            entries.append((name.strip(), _check_stereotype(label, name, "professions")))
-    elif isinstance(professions, Iterable):
-        for item in professions:
-            if isinstance(item, str):
-                entries.append(_parse_profession(item, "professions"))
-            elif (
-                isinstance(item, (tuple, list))
-                and len(item) == 2
-                and isinstance(item[0], str)
-                and item[0].strip()
-            ):
-                entries.append((item[0].strip(), _check_stereotype(item[1], item[0], "professions")))
-            else:
-                raise ValueError(f"professions: expected a name or a (name, stereotype) pair, got {item!r}")
-    else:
-        raise TypeError(
-            f"professions must be a file path, a list or a mapping, got {type(professions).__name__}"
-        )
-    if not entries:
-        raise ValueError(f"professions {_describe(professions)} is empty")
-    names = [n for n, _ in entries]
-    _check_unique(names, "professions")
-    return names, [s for _, s in entries]
-
-
-def load_terms(terms, default: Path, what: str) -> list[str]:
-    """A word list from ``None`` (``default``), a file path or a sequence of strings."""
-    if terms is None:
-        terms = default
-    if isinstance(terms, (str, os.PathLike)):
-        words = read_list_file(terms, what)
-    elif isinstance(terms, Iterable):
-        words = []
-        for w in terms:
-            if not isinstance(w, str) or not w.strip():
-                raise ValueError(f"{what}: entries must be non-empty strings, got {w!r}")
-            words.append(w.strip())
-    else:
-        raise TypeError(f"{what} must be a file path or a list of strings, got {type(terms).__name__}")
-    if not words:
-        raise ValueError(f"{what} {_describe(terms)} is empty")
-    _check_unique(words, what)
-    return words
-
-
-def load_templates(templates=None) -> list[str]:
-    """Caption templates from ``None`` (the shipped four), one template string (contains ``{``), a file path or
-    a list; each must hold exactly one ``{}`` (the word) and may hold ``{a}`` (its indefinite article)."""
-    if templates is None:
-        templates = DEFAULT_TEMPLATES
-    if isinstance(templates, str) and "{" in templates:
-        templates = [templates]
-    items = load_terms(templates, DEFAULT_TEMPLATES, "templates")
-    for t in items:
-        _check_template(t)
-    return items
-
-
-def _check_template(template: str) -> None:
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as e:
-        raise ValueError(f"template {template!r} is not a valid format string: {e}") from e
-    if fields.count("") != 1 or any(f not in ("", "a") for f in fields):
-        raise ValueError(
-            f"template {template!r} must contain exactly one '{{}}' (the word) and optionally '{{a}}'"
-        )
-
-
-def _describe(source) -> str:
-    return repr(str(source)) if isinstance(source, (str, os.PathLike)) else "list"
-
-
-def indefinite_article(word: str) -> str:
-    """``'an'`` before a vowel sound, else ``'a'`` (spelling rule with the common exceptions)."""
-    w = word.strip().lower()
-    if w.startswith(("hour", "honest", "honor", "honour", "heir")):
-        return "an"
-    if w.startswith(("uni", "use", "usu", "eu", "one", "once")):
-        return "a"
-    return "an" if w[:1] in tuple("aeiou") else "a"
-
-
-def build_prompts(word: str, templates: Sequence[str]) -> list[str]:
-    """``word`` put into each template (``{}`` = word, ``{a}`` = its indefinite article)."""
-    return [t.format(word, a=indefinite_article(word)) for t in templates]
-
-
-@dataclass
-class WordLists:
-    """Resolved inputs of :func:`gender_profession_bias`."""
-
-    professions: list[str]
-    stereotypes: list[str | None]
-    male_terms: list[str]
-    female_terms: list[str]
-    templates: list[str]
-
-
-def load_word_lists(professions=None, male_terms=None, female_terms=None, templates=None) -> WordLists:
-    """Resolve and validate all word lists (``None`` = the shipped ones); see the module docstring."""
-    names, stereotypes = load_professions(professions)
-    male = load_terms(male_terms, DEFAULT_MALE_TERMS, "male terms")
-    female = load_terms(female_terms, DEFAULT_FEMALE_TERMS, "female terms")
-    both = sorted(set(male) & set(female))
-    if both:
-        raise ValueError(f"{both[0]!r} is both a male and a female term")
-    return WordLists(names, stereotypes, male, female, load_templates(templates))
-
+_TIE_TOLERANCE = 1e-10  # "all scores equal" in weat_effect_size
+_BATCH = 65536  # partitions per scipy batch: bounds the memory of an exact enumeration
 
 # --------------------------------------------------------------------------------------------- WEAT
 
@@ -271,44 +81,65 @@ def weat_effect_size(s_x: Sequence[float], s_y: Sequence[float]) -> float | None
     return float((s_x.mean() - s_y.mean()) / std)
 
 
+def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+
+@functools.cache
+def _rng_keyword() -> str:
+    """``permutation_test``'s generator argument: ``rng`` from scipy 1.15, ``random_state`` before."""
+    import inspect
+
+    from scipy import stats
+
+    return "rng" if "rng" in inspect.signature(stats.permutation_test).parameters else "random_state"
+
+
 def weat_p_value(
     s_x: Sequence[float], s_y: Sequence[float], permutations: int = 10000, seed: int = 0
 ) -> tuple[float | None, bool | None, int | None]:
-    """One-sided permutation p-value of ``mean s_x - mean s_y`` over re-partitions of ``s_x u s_y``.
+    """One-sided ``scipy.stats.permutation_test`` p-value of ``mean s_x - mean s_y`` (module docstring).
 
     Returns ``(p, exact, partitions)``: exact enumeration when ``C(n, |X|) <= permutations`` (``partitions`` =
     ``C(n, |X|)``), else ``permutations`` seeded random partitions plus the observed one (``partitions`` =
     ``permutations + 1``). ``(None, None, None)`` when a set is empty.
     """
+    from scipy import stats
+
     _check_positive_int(permutations, "permutations")
     permutations = int(permutations)
     s_x, s_y = np.asarray(s_x, dtype=np.float64), np.asarray(s_y, dtype=np.float64)
-    nx, ny = len(s_x), len(s_y)
-    if nx == 0 or ny == 0:
+    if len(s_x) == 0 or len(s_y) == 0:
         return None, None, None
+    n_partitions = math.comb(len(s_x) + len(s_y), len(s_x))
+    exact = n_partitions <= permutations  # scipy's rule for enumerating
+    partitions = n_partitions if exact else permutations + 1
+    if min(len(s_x), len(s_y)) == 1:  # scipy needs two or more values per set
+        return _singleton_p_value(s_x, s_y, permutations, seed, exact), exact, partitions
+    result = stats.permutation_test(
+        (s_x, s_y),
+        _mean_difference,
+        permutation_type="independent",
+        vectorized=True,
+        n_resamples=permutations,
+        batch=_BATCH,
+        alternative="greater",
+        **{_rng_keyword(): np.random.default_rng(seed)},
+    )
+    return float(result.pvalue), exact, partitions
+
+
+def _singleton_p_value(s_x: np.ndarray, s_y: np.ndarray, permutations: int, seed: int, exact: bool) -> float:
+    """scipy's rule for a set of one value: a partition is which value forms that set (``n`` of them)."""
     values = np.concatenate([s_x, s_y])
-    n, total = len(values), float(values.sum())
-    observed = float(s_x.mean() - s_y.mean())
-    threshold = observed - _TIE_TOLERANCE * max(1.0, float(np.abs(values).max()))
-
-    def count_at_least(x_sums: np.ndarray) -> int:
-        return int(np.count_nonzero(x_sums / nx - (total - x_sums) / ny >= threshold))
-
-    n_partitions = math.comb(n, nx)
-    if n_partitions <= permutations:
-        combos = itertools.combinations(range(n), nx)
-        hits = 0
-        while block := list(itertools.islice(combos, _CHUNK)):
-            hits += count_at_least(values[np.asarray(block, dtype=np.intp)].sum(axis=1))
-        return hits / n_partitions, True, n_partitions
-    rng = np.random.default_rng(seed)
-    hits, done = 0, 0
-    while done < permutations:
-        b = min(_CHUNK, permutations - done)
-        order = rng.permuted(np.broadcast_to(np.arange(n), (b, n)), axis=1)
-        hits += count_at_least(values[order[:, :nx]].sum(axis=1))
-        done += b
-    return (hits + 1) / (permutations + 1), False, permutations + 1
+    rest = (values.sum() - values) / (len(values) - 1)  # mean of the other set, for each choice
+    null = values - rest if len(s_x) == 1 else rest - values
+    observed = float(_mean_difference(s_x, s_y))
+    threshold = observed - 100 * np.finfo(np.float64).eps * abs(observed)
+    if exact:
+        return float(np.count_nonzero(null >= threshold) / len(values))
+    drawn = null[np.random.default_rng(seed).integers(len(values), size=permutations)]
+    return float((np.count_nonzero(drawn >= threshold) + 1) / (permutations + 1))
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -486,7 +317,7 @@ def gender_profession_bias(
             ``CLIPModel`` directory / hub id, open_clip name, ``*.json`` config —, a ``CLIPTeacher``, a live
             ``CLIPModel`` with ``processor``), or any object with ``encode_texts(list[str]) -> (N, E)``.
         professions, male_terms, female_terms, templates: word-list overrides (paths or lists; ``None`` = the
-            shipped lists, see the module docstring).
+            shipped lists, see :mod:`mmkd.eval.bias_words`).
         pretrained: open_clip pretrained tag or checkpoint, for a model spec string.
         processor: the processor of a live transformers ``CLIPModel``.
         permutations: budget of the WEAT permutation test (exact enumeration when the partitions fit in it).
@@ -606,25 +437,12 @@ def compare_bias(teacher_report, student_report) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------------------------- plot
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
 __all__ = [
+    "SIGN_CONVENTION",
     "BiasReport",
-    "WordLists",
-    "build_prompts",
+    "as_report",
     "compare_bias",
     "gender_profession_bias",
-    "indefinite_article",
-    "load_professions",
-    "load_templates",
-    "load_terms",
-    "load_word_lists",
-    "as_report",
-    "read_list_file",
     "weat_effect_size",
     "weat_p_value",
 ]

@@ -2,9 +2,10 @@
 
 Research 000 reports accuracy, precision, recall and F1 (Table 1); ROC-AUC is added because it judges the logits
 themselves, independently of the threshold at 0. The metric scripts ship inside mmkd
-(:mod:`mmkd.eval.metric_modules`) and are loaded by file path: ``evaluate.load("accuracy")`` would fetch the
-Hub's script, which fails offline and needs scikit-learn, whereas a path to an existing ``.py`` file is loaded
-locally without any network call, whatever ``HF_HUB_OFFLINE`` / ``HF_EVALUATE_OFFLINE`` say. ``evaluate`` copies
+(:mod:`mmkd.eval.metric_modules`, computing with ``sklearn.metrics``) and are loaded by file path:
+``evaluate.load("accuracy")`` would fetch the Hub's script, which fails offline, whereas a path to an existing
+``.py`` file is loaded locally without any network call, whatever ``HF_HUB_OFFLINE`` / ``HF_EVALUATE_OFFLINE``
+say. ``evaluate`` copies
 the script into its modules cache (``HF_MODULES_CACHE``) under a hash of its content, guarded by a file lock, so
 concurrent processes can load them.
 """
@@ -18,6 +19,8 @@ from typing import Any
 import evaluate
 import numpy as np
 import torch
+
+from mmkd.eval.metric_modules._binary import check_binary
 
 __all__ = ["METRICS", "METRIC_SCRIPTS", "compute_metrics", "load_metric", "match_metrics"]
 
@@ -60,15 +63,6 @@ def _to_numpy(name: str, x: Any) -> np.ndarray:
     return array
 
 
-def _binary_labels(labels: Any) -> np.ndarray:
-    """Labels of any dtype (bool, int, float BCE targets) -> int64 0/1, rejecting anything else."""
-    array = _to_numpy("labels", labels)
-    bad = np.setdiff1d(np.unique(array), [0, 1])
-    if bad.size:
-        raise ValueError(f"labels must be 0 or 1, got values {bad.tolist()[:10]}")
-    return array.astype(np.int64)
-
-
 def match_metrics(logits: Any, labels: Any, threshold: float = 0.0) -> dict[str, float | None]:
     """Accuracy, precision, recall, F1 and ROC-AUC of a binary matcher's logits.
 
@@ -83,7 +77,7 @@ def match_metrics(logits: Any, labels: Any, threshold: float = 0.0) -> dict[str,
         labels hold one class only (the AUC is undefined then).
     """
     scores = _to_numpy("logits", logits).astype(np.float64)  # (B,)
-    references = _binary_labels(labels)  # (B,)
+    references = check_binary("labels", _to_numpy("labels", labels))  # (B,) int64 0/1, of any dtype
     if scores.shape != references.shape:
         raise ValueError(f"logits and labels must cover the same pairs, got shapes {scores.shape} and "
                          f"{references.shape}")

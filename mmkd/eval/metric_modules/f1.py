@@ -1,17 +1,18 @@
 """F1 of binary match predictions: an ``evaluate`` metric script shipped with mmkd so it loads offline.
 
-Self-contained on purpose (numpy only): ``evaluate`` copies this file into its modules cache and imports it from
-there, and the Hub's own ``f1`` script cannot be fetched without a network and needs scikit-learn.
+``evaluate`` copies this file into its modules cache and imports it from there (the Hub's own ``f1`` script
+cannot be fetched without a network); the maths is scikit-learn's.
 """
 
-import datasets
 import evaluate
-import numpy as np
+from sklearn.metrics import f1_score
+
+from mmkd.eval.metric_modules._binary import binary_metric_info, check_binary
 
 _DESCRIPTION = """
 F1: the harmonic mean of precision and recall, 2·P·R / (P + R) = 2·TP / (2·TP + FP + FN), with the positive
-class 1 (pos_label=1). When TP + FP + FN = 0 (no positive predicted nor present) it is 0 (zero_division=0), as
-scikit-learn does.
+class 1 (sklearn.metrics.f1_score, pos_label=1). When TP + FP + FN = 0 (no positive predicted nor present) it is
+0 (zero_division=0).
 """
 
 _KWARGS_DESCRIPTION = """
@@ -21,7 +22,7 @@ Args:
 Returns:
     f1 (`float`): in [0, 1].
 Examples:
-    >>> f1 = evaluate.load("mmkd/matching/metric_modules/f1.py")
+    >>> f1 = evaluate.load("mmkd/eval/metric_modules/f1.py")
     >>> f1.compute(predictions=[1, 0, 1, 1], references=[1, 0, 0, 1])
     {'f1': 0.8}
 """
@@ -37,34 +38,12 @@ _CITATION = """
 """
 
 
-def _check_binary(name: str, values: np.ndarray) -> np.ndarray:
-    """Reject labels other than 0/1: a silent multi-class input would make every binary count wrong."""
-    values = np.asarray(values).reshape(-1)
-    bad = np.setdiff1d(np.unique(values), [0, 1])
-    if bad.size:
-        raise ValueError(f"{name} must be binary (0 or 1), got values {bad.tolist()[:10]}")
-    return values.astype(np.int64)
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class F1(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
-            ),
-            format="numpy",
-        )
+        return binary_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION)
 
     def _compute(self, predictions, references):
-        predictions = _check_binary("predictions", predictions)  # (N,)
-        references = _check_binary("references", references)  # (N,)
-        tp = int(np.sum((predictions == 1) & (references == 1)))
-        fp = int(np.sum((predictions == 1) & (references == 0)))
-        fn = int(np.sum((predictions == 0) & (references == 1)))
-        # 2TP / (2TP + FP + FN) equals 2PR / (P + R) and needs no special case when P + R = 0 but TP + FP + FN > 0.
-        denominator = 2 * tp + fp + fn
-        return {"f1": 2 * tp / denominator if denominator else 0.0}
+        predictions = check_binary("predictions", predictions)  # (N,)
+        references = check_binary("references", references)  # (N,)
+        return {"f1": float(f1_score(references, predictions, pos_label=1, zero_division=0))}

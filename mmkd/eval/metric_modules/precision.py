@@ -1,16 +1,18 @@
 """Precision of binary match predictions: an ``evaluate`` metric script shipped with mmkd so it loads offline.
 
-Self-contained on purpose (numpy only): ``evaluate`` copies this file into its modules cache and imports it from
-there, and the Hub's own ``precision`` script cannot be fetched without a network and needs scikit-learn.
+``evaluate`` copies this file into its modules cache and imports it from there (the Hub's own ``precision``
+script cannot be fetched without a network); the maths is scikit-learn's.
 """
 
-import datasets
 import evaluate
-import numpy as np
+from sklearn.metrics import precision_score
+
+from mmkd.eval.metric_modules._binary import binary_metric_info, check_binary
 
 _DESCRIPTION = """
 Precision: of the pairs predicted to match, the fraction that do, TP / (TP + FP), with the positive class 1
-(pos_label=1). When nothing is predicted positive (TP + FP = 0) it is 0 (zero_division=0), as scikit-learn does.
+(sklearn.metrics.precision_score, pos_label=1). When nothing is predicted positive (TP + FP = 0) it is 0
+(zero_division=0).
 """
 
 _KWARGS_DESCRIPTION = """
@@ -20,37 +22,18 @@ Args:
 Returns:
     precision (`float`): in [0, 1].
 Examples:
-    >>> precision = evaluate.load("mmkd/matching/metric_modules/precision.py")
+    >>> precision = evaluate.load("mmkd/eval/metric_modules/precision.py")
     >>> precision.compute(predictions=[1, 0, 1, 1], references=[1, 0, 0, 1])
     {'precision': 0.6666666666666666}
 """
 
 
-def _check_binary(name: str, values: np.ndarray) -> np.ndarray:
-    """Reject labels other than 0/1: a silent multi-class input would make every binary count wrong."""
-    values = np.asarray(values).reshape(-1)
-    bad = np.setdiff1d(np.unique(values), [0, 1])
-    if bad.size:
-        raise ValueError(f"{name} must be binary (0 or 1), got values {bad.tolist()[:10]}")
-    return values.astype(np.int64)
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Precision(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
-            ),
-            format="numpy",
-        )
+        return binary_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION)
 
     def _compute(self, predictions, references):
-        predictions = _check_binary("predictions", predictions)  # (N,)
-        references = _check_binary("references", references)  # (N,)
-        tp = int(np.sum((predictions == 1) & (references == 1)))
-        predicted_positive = int(np.sum(predictions == 1))  # TP + FP
-        return {"precision": tp / predicted_positive if predicted_positive else 0.0}
+        predictions = check_binary("predictions", predictions)  # (N,)
+        references = check_binary("references", references)  # (N,)
+        return {"precision": float(precision_score(references, predictions, pos_label=1, zero_division=0))}
