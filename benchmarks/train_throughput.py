@@ -46,7 +46,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from mmkd.reporting.tables import markdown_table
+from mmkd.reporting.timing import time_summary
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "recipes" / "configs" / "tiny_openclip_vit.json"
@@ -130,21 +132,21 @@ def write_data(root: Path, n: int, image_size: int, seed: int = 0) -> tuple[list
 
 
 def summarise(step_times: list[float], warmup: int, batch_size: int) -> dict:
+    """The figures of one run's step times, the first ``warmup`` discarded (:func:`mmkd.reporting.timing.time_summary`):
+    mean and median rates, and the timed steps over 1.5x the median (another process most likely took the CPU)."""
     timed = step_times[warmup:]
     if not timed:
         raise RuntimeError(
             f"only {len(step_times)} steps were recorded; none left after {warmup} warm-up steps"
         )
-    total = sum(timed)
-    median = statistics.median(timed)
+    summary = time_summary(timed, batch_size, disturbed_above=1.5)
     return {
-        "samples_per_s": batch_size * len(timed) / total,
-        "s_per_step": total / len(timed),
-        "median_s_per_step": median,
-        "samples_per_s_at_median_step": batch_size / median,
-        "timed_steps": len(timed),
-        # a timed step 1.5x slower than the median: another process most likely took the CPU for a while
-        "disturbed_steps": sum(t > 1.5 * median for t in timed),
+        "samples_per_s": summary["per_s"],
+        "s_per_step": summary["mean_s"],
+        "median_s_per_step": summary["median_s"],
+        "samples_per_s_at_median_step": summary["per_s_at_median"],
+        "timed_steps": summary["count"],
+        "disturbed_steps": summary["disturbed"],
         "step_times_s": [round(t, 4) for t in step_times],
     }
 
@@ -254,23 +256,20 @@ LABELS = {
 
 
 def table(results: dict) -> str:
+    """The runs as a Markdown table, with each rate relative to open_clip's distillation and to the no-teacher run."""
     ref = results.get("open_clip_distill", {}).get("samples_per_s")
     lim = results.get("mmkd_no_teacher", {}).get("samples_per_s")
-    rows = [
-        "| configuration | samples/s | s/step (mean) | s/step (median) | × open_clip distillation "
-        "| × no-teacher limit |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = ["configuration", "samples/s", "s/step (mean)", "s/step (median)", "× open_clip distillation",
+              "× no-teacher limit"]
+    rows = []
     for key, label in LABELS.items():
         if key not in results:
             continue
         r = results[key]
         sps = r["samples_per_s"]
-        rows.append(
-            f"| {label} | {sps:.2f} | {r['s_per_step']:.2f} | {r['median_s_per_step']:.2f} | "
-            f"{f'{sps / ref:.2f}' if ref else '-'} | {f'{sps / lim:.2f}' if lim else '-'} |"
-        )
-    return "\n".join(rows)
+        rows.append([label, f"{sps:.2f}", f"{r['s_per_step']:.2f}", f"{r['median_s_per_step']:.2f}",
+                     f"{sps / ref:.2f}" if ref else "-", f"{sps / lim:.2f}" if lim else "-"])
+    return markdown_table(header, rows)
 
 
 def main() -> None:

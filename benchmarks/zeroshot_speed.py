@@ -7,6 +7,9 @@ separately, reports images/s, and checks that both give the same predictions, ac
 
     python benchmarks/zeroshot_speed.py                       # ViT-B-32, 512 images, batch 64, fp32
     python benchmarks/zeroshot_speed.py --images 512 --batch-size 64 --precision bf16       # autocast
+    python benchmarks/zeroshot_speed.py --tiny --images 8 --batch-size 8                    # smoke test
+
+Each side's classifier build and image pass are timed by mmkd.reporting.timing (the median of --repeats calls).
 
 Needs the `bench` extra: pip install -e '.[bench]' (clip-benchmark).
 """
@@ -16,11 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import statistics
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from mmkd.reporting.timing import interleaved_times
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny_openclip_vit.json"
 
 
 def make_images(n: int, seed: int = 0) -> tuple[list[Image.Image], list[int]]:
@@ -45,6 +53,7 @@ class ListDataset(torch.utils.data.Dataset):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-32", help="open_clip model name")
+    p.add_argument("--tiny", action="store_true", help="use recipes/configs/tiny_openclip_vit.json (smoke test)")
     p.add_argument("--images", type=int, default=512, help="number of images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
@@ -64,6 +73,9 @@ def main() -> None:
     )
     from mmkd.teachers import OpenCLIPTeacher
 
+    if args.tiny:
+        open_clip.add_model_config(TINY_CONFIG)
+        args.model = TINY_CONFIG.stem
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None)
     model.eval()
@@ -76,12 +88,9 @@ def main() -> None:
     teacher = OpenCLIPTeacher(model, preprocess, tokenizer, name=args.model)
 
     def timed(fn):
-        times, out = [], None
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-        return out, float(np.median(times))
+        """(the last call's result, the median seconds) of ``--repeats`` timed calls of ``fn``."""
+        timings = interleaved_times({"run": fn}, repeats=args.repeats)
+        return timings.results["run"], statistics.median(timings.seconds["run"])
 
     # -- CLIP_benchmark --------------------------------------------------------------------------------------
     # CLIP_benchmark autocasts when amp=True; with the weights already in bf16 both sides run bf16 matmuls.

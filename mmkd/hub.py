@@ -16,7 +16,9 @@ usage snippet pointed at the repository), once the repository exists; and every 
 repository and the endpoint and says the local folder is intact, so a re-run after the fix pushes the same files.
 
 The upload is ``huggingface_hub``'s own (``HfApi.create_repo`` + ``HfApi.upload_folder``), so ``HF_ENDPOINT``,
-``HF_TOKEN`` and Xet storage (when ``hf_xet`` is installed) work as for any Hub upload.
+``HF_TOKEN`` and Xet storage (when ``hf_xet`` is installed) work as for any Hub upload; so is the file selection
+(``allow_patterns`` / ``ignore_patterns``, which :func:`files_to_push` applies with the same
+``huggingface_hub.utils.filter_repo_objects``, so what a dry run lists is what ``upload_folder`` sends).
 """
 
 from __future__ import annotations
@@ -26,12 +28,11 @@ import json
 import os
 import re
 import tempfile
-from fnmatch import fnmatchcase
 from pathlib import Path
 
-# The files of a complete student repository, matched against each path relative to the folder one path segment
-# at a time (``*`` never crosses a ``/``, so ``*.json`` is a top-level file and no checkpoint-*/ file ever
-# matches); a final ``**`` segment matches everything below a folder.
+# The files of a complete student repository: huggingface_hub's allow_patterns, matched with fnmatch against each
+# path relative to the folder. Its ``*`` crosses ``/``, so what keeps them to top-level files is
+# :func:`push_patterns`, which ignores every sub-folder but runs/ (with include_runs).
 PUSH_PATTERNS: list[str] = [
     # weights, one file or shards with their index (never pickled *.bin: safetensors load without running code)
     "*.safetensors",
@@ -63,10 +64,13 @@ PUSH_PATTERNS: list[str] = [
 ]
 
 # TensorBoard event files: the Hub shows them as the repository's "Training metrics"; opt-in (``include_runs``).
-RUNS_PATTERNS: list[str] = ["runs/**"]
+RUNS_PATTERNS: list[str] = ["runs/*"]
 
-# Top-level files that match a pattern above but mean nothing on the Hub.
-EXCLUDED_NAMES: frozenset[str] = frozenset({"mmkd_job_stage.json"})  # recipes/offline_job.py's stage record
+# Never pushed, wherever they are: hidden and private (``_*``) files and folders, pickles (training_args.bin,
+# optimizer states: loading them runs code) and recipes/offline_job.py's stage record, which means nothing on the Hub.
+IGNORE_PATTERNS: list[str] = [
+    ".*", "*/.*", "_*", "*/_*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "mmkd_job_stage.json",
+]  # fmt: skip
 
 DEFAULT_COMMIT_MESSAGE = "Upload mmkd student"
 
@@ -106,12 +110,16 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _matches(relpath: str, pattern: str) -> bool:
-    parts, pats = relpath.split("/"), pattern.split("/")
-    if pats[-1] == "**":
-        pats = pats[:-1]
-        return len(parts) > len(pats) and all(fnmatchcase(a, p) for a, p in zip(parts, pats, strict=False))
-    return len(parts) == len(pats) and all(fnmatchcase(a, p) for a, p in zip(parts, pats, strict=True))
+def push_patterns(folder: str | Path, include_runs: bool = False) -> tuple[list[str], list[str]]:
+    """``(allow_patterns, ignore_patterns)`` of a push of ``folder``, for ``HfApi.upload_folder`` and
+    ``filter_repo_objects``: :data:`PUSH_PATTERNS` (+ :data:`RUNS_PATTERNS` with ``include_runs``), and
+    :data:`IGNORE_PATTERNS` plus ``<name>/*`` for each of the folder's sub-folders (checkpoint-*/, a sweep's
+    runs, ...) but ``runs/`` with ``include_runs``: huggingface_hub's ``*`` crosses ``/``, so ``*.json`` alone
+    would take a checkpoint's ``trainer_state.json`` too."""
+    keep = {"runs"} if include_runs else set()
+    subfolders = sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and p.name not in keep)
+    allow = PUSH_PATTERNS + (RUNS_PATTERNS if include_runs else [])
+    return allow, IGNORE_PATTERNS + [glob.escape(name) + "/*" for name in subfolders]
 
 
 def _missing_essentials(folder: Path, names: set[str]) -> list[str]:
@@ -148,25 +156,23 @@ def _missing_essentials(folder: Path, names: set[str]) -> list[str]:
 def files_to_push(folder: str | Path, include_runs: bool = False) -> list[Path]:
     """The files a push of ``folder`` uploads, as sorted paths relative to it (= their paths in the repository).
 
-    Weights, configuration, processor and tokenizer files, the card and the run's JSON records
-    (:data:`PUSH_PATTERNS`); never ``checkpoint-*/``, optimizer or scheduler states, ``training_args.bin`` or
-    hidden files, and ``runs/`` (TensorBoard) only with ``include_runs``. Raises ``FileNotFoundError`` naming
+    Weights, configuration, processor and tokenizer files, the card and the run's JSON records, selected from the
+    folder's files by huggingface_hub's ``filter_repo_objects`` with :func:`push_patterns`, as ``upload_folder``
+    selects them; never ``checkpoint-*/``, optimizer or scheduler states, ``training_args.bin`` or hidden files,
+    and ``runs/`` (TensorBoard) only with ``include_runs``. Raises ``FileNotFoundError`` naming
     what a loadable model lacks (``config.json``, a ``*.safetensors`` file, the shards of an index and, for a
     CLIP model, its processor and tokenizer files) so an incomplete folder fails before any network call.
     """
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: pass the output_dir of a training run")
-    patterns = PUSH_PATTERNS + (RUNS_PATTERNS if include_runs else [])
-    found = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder).as_posix()
-        if not path.is_file() or any(part.startswith((".", "_")) for part in rel.split("/")):
-            continue
-        if rel in EXCLUDED_NAMES:
-            continue
-        if any(_matches(rel, p) for p in patterns):
-            found.append(Path(rel))
+    allow, ignore = push_patterns(folder, include_runs)
+    # listed as upload_folder lists it: every file below the folder, then its patterns and its .git/ exclusions
+    files = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
+    found = [Path(f) for f in filter_repo_objects(files, allow_patterns=allow,
+                                                  ignore_patterns=ignore + DEFAULT_IGNORE_PATTERNS)]
     missing = _missing_essentials(folder, {p.name for p in found if len(p.parts) == 1})
     if missing:
         raise FileNotFoundError(f"{folder} is not a complete model folder: missing {', '.join(missing)}")
@@ -336,6 +342,7 @@ def push_folder(
     if model_card:
         ensure_model_card(folder, target, command=command)
     files = files_to_push(folder, include_runs=include_runs)
+    allow, ignore = push_patterns(folder, include_runs)  # what files_to_push applied: the same selection
     try:
         info = api.upload_folder(
             repo_id=target,
@@ -343,7 +350,8 @@ def push_folder(
             repo_type="model",
             revision=revision,
             commit_message=commit_message,
-            allow_patterns=[glob.escape(p.as_posix()) for p in files],  # exactly files_to_push, nothing else
+            allow_patterns=allow,
+            ignore_patterns=ignore,
         )
     except network_errors as err:
         raise fail(f"uploading {len(files)} files", err) from err

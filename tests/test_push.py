@@ -121,6 +121,42 @@ def test_dry_run_lists_the_files_and_sends_nothing(student, capsys):
     assert lines[-1].startswith("README.md") and not (student / "README.md").exists()  # no card yet: announced
 
 
+@pytest.mark.parametrize("include_runs", [False, True])
+def test_the_listing_is_what_upload_folder_sends(student, hub, monkeypatch, capsys, include_runs):
+    """The dry run, huggingface_hub's filter_repo_objects over the folder with the patterns push_folder gives
+    upload_folder, and the files that reached the Hub are one set, also in sub-folders that trip a ``*``."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    from mmkd import cli
+
+    for trap in ("sweep/run-1/config.json", "sweep/run-1/model.safetensors", "weird[1]/results.json",
+                 "runs/optimizer.bin", "runs/.hidden.json", "runs/_partial/a.json", "notes/extra.md"):
+        (student / trap).parent.mkdir(parents=True, exist_ok=True)
+        (student / trap).write_text("{}")
+    P.ensure_model_card(student, "me/tiny-half")  # so the dry run lists the card like any other file
+    sent_patterns = {}
+    upload_folder = HfApi.upload_folder
+
+    def spy(self, **kwargs):
+        sent_patterns.update({k: list(kwargs[k]) for k in ("allow_patterns", "ignore_patterns")})
+        return upload_folder(self, **kwargs)
+
+    monkeypatch.setattr(HfApi, "upload_folder", spy)
+    P.push_folder(student, "me/tiny-half", token="hf_standin", include_runs=include_runs)
+    assert cli.main(["push", str(student), "--repo-id", "me/tiny-half", "--dry-run"]
+                    + (["--include-runs"] if include_runs else [])) == 0
+    listed = capsys.readouterr().out.splitlines()
+
+    on_disk = [p.relative_to(student).as_posix() for p in sorted(student.rglob("*")) if p.is_file()]
+    selected = filter_repo_objects(on_disk, allow_patterns=sent_patterns["allow_patterns"],
+                                   ignore_patterns=sent_patterns["ignore_patterns"] + DEFAULT_IGNORE_PATTERNS)
+    assert listed == sorted(selected) == sorted(hub.repos["me/tiny-half"].files)
+    assert not any(n.startswith(("sweep/", "weird", "notes/", "checkpoint-")) for n in listed)
+    runs = [n for n in listed if n.startswith("runs/")]
+    assert bool(runs) == include_runs and all(n.startswith("runs/") and "events" in n for n in runs)
+
+
 # 2. Pushing through the real client --------------------------------------------------------------------------
 @pytest.mark.parametrize("transport", ["lfs", "xet-pipeline"])
 def test_push_uploads_exactly_those_files_byte_for_byte(student, monkeypatch, tmp_path, transport):

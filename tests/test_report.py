@@ -1,4 +1,5 @@
-"""Tests for mmkd.reporting.compression: the teacher / student / int8 compression report, on tiny models (no timed assertions)."""
+"""Tests for mmkd.reporting.compression (the teacher / student / int8 compression report, on tiny models, no timed
+assertions) and mmkd.reporting.timing (the shared timing helper, on a fake clock)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from mmkd import cli
 from mmkd.eval.zeroshot import evaluate_zeroshot
+from mmkd.reporting import timing
 from mmkd.reporting.compression import (
     TABLE_HEADER,
     compare_throughput,
@@ -111,6 +113,19 @@ def test_parameters_and_rows(open_clip_teacher, pair):
     assert report["dataset"] is None and report["settings"]["quantization"].startswith("torch.ao")
 
 
+def test_live_clip_models_with_their_processors(pair):
+    teacher, student = CLIPModel.from_pretrained(pair["teacher"]), CLIPModel.from_pretrained(pair["student"])
+    processor = CLIPProcessor.from_pretrained(pair["student"])
+    with pytest.raises(ValueError, match="teacher_processor"):
+        compression_report(teacher, student, student_processor=processor)
+    with pytest.raises(TypeError, match="teacher must be"):
+        compression_report(42, student, student_processor=processor)
+    report = compression_report(teacher, student, teacher_processor=processor, student_processor=processor,
+                                batch_size=2, repeats=1, quantize=False)
+    assert [(r["model"], r["layers"]) for r in report["rows"]] == [("teacher", "4+4"), ("student", "2+2")]
+    assert report["teacher"] == str(pair["teacher"]) and report["student"] == str(pair["student"])
+
+
 def test_int8_is_smaller_when_linear_layers_dominate():
     cfg = tiny_clip_config(layers=6)
     for sub in (cfg.vision_config, cfg.text_config):
@@ -146,6 +161,55 @@ def test_throughput_shape_and_inputs():
         compare_throughput({"a": model}, repeats=0)
 
 
+def test_compare_throughput_interleaves_the_encoders_after_warmup(monkeypatch):
+    models = {"a": CLIPModel(tiny_clip_config(layers=1)).eval(), "b": CLIPModel(tiny_clip_config(layers=1)).eval()}
+    calls = []
+    for name, model in models.items():
+        for kind in ("image", "text"):
+            encoder = getattr(model, f"get_{kind}_features")
+            monkeypatch.setattr(model, f"get_{kind}_features",
+                                lambda *a, _e=encoder, _k=(name, kind), **k: calls.append(_k) or _e(*a, **k))
+    result = compare_throughput(models, batch_size=2, repeats=3, warmup=1, text_length=5)
+    one_round = [("a", "image"), ("a", "text"), ("b", "image"), ("b", "text")]
+    assert calls == one_round * (1 + 3)  # a warm-up round, then 3 timed rounds, every encoder once per round
+    assert all(len(result[n][f"{k}_seconds"]) == 3 for n, k in one_round)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def test_interleaved_times_interleaves_and_times_each_call(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(timing, "perf_counter", lambda: clock[0])
+    durations = {"a": iter([50.0, 3.0, 1.0, 8.0]), "b": iter([50.0, 10.0, 40.0, 20.0])}  # a warm-up, 3 timed
+    calls = []
+
+    def task(name):
+        def run():
+            calls.append(name)
+            clock[0] += next(durations[name])
+            return f"{name}{len(calls)}"
+
+        return run
+
+    t = timing.interleaved_times({"a": task("a"), "b": task("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert t.seconds == {"a": [3.0, 1.0, 8.0], "b": [10.0, 40.0, 20.0]}  # the warm-up round is not timed
+    assert t.results == {"a": "a7", "b": "b8"} and t.wall_s == 82.0
+    # the median, not the mean (4.0) nor the fastest (1.0) or the last call
+    assert timing.median_rate(t.seconds["a"], 6) == 2.0 and timing.median_rate(t.seconds["b"], 40) == 2.0
+    assert timing.median_rate([1.0, 4.0, 2.0, 9.0]) == 1 / 3.0  # an even count: the mean of the middle two
+    with pytest.raises(ValueError, match="repeats"):
+        timing.interleaved_times({"a": task("a")}, repeats=0)
+
+
+def test_time_summary():
+    s = timing.time_summary([1.0, 2.0, 3.0, 10.0], items=8)
+    assert s == {"count": 4, "total_s": 16.0, "mean_s": 4.0, "median_s": 2.5, "per_s": 2.0, "per_s_at_median": 3.2,
+                 "spread": 10.0, "disturbed": 1}  # fmt: skip
+    assert timing.time_summary([1.0, 1.2, 1.4], disturbed_above=1.1)["disturbed"] == 1
+
+
 def test_accuracy_equals_evaluate_zeroshot(cli_report, pair, image_folder):
     rows = {r["model"]: r for r in cli_report["report"]["rows"]}
     student = CLIPModel.from_pretrained(pair["student"]).eval()
@@ -163,6 +227,19 @@ def test_accuracy_equals_evaluate_zeroshot(cli_report, pair, image_folder):
         assert rows[name]["acc5"] == result["acc5"], name
     dataset = cli_report["report"]["dataset"]
     assert dataset["num_images"] == 15 and dataset["num_classes"] == 5
+
+
+def test_max_examples_is_a_seeded_subset_that_keeps_the_class_names(image_folder):
+    from mmkd.reporting.compression import load_report_dataset
+
+    full, _ = load_report_dataset(str(image_folder))
+    ds, templates = load_report_dataset(str(image_folder), max_examples=7)
+    again, _ = load_report_dataset(str(image_folder), max_examples=7)
+    assert len(ds) == 7 and templates is None and ds.indices == again.indices == sorted(ds.indices)
+    assert ds.classnames == full.classnames == sorted(CLASSES) and ds.name == full.name
+    assert [ds[i][1] for i in range(7)] == [full[j][1] for j in ds.indices]
+    with pytest.raises(ValueError, match="max_examples"):
+        load_report_dataset(str(image_folder), max_examples=0)
 
 
 # ------------------------------------------------------------------------------------------------ the outputs

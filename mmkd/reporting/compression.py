@@ -1,29 +1,19 @@
 """Compression report: teacher vs half-depth student vs the student quantized to int8, side by side.
 
-What distillation buys, measured the way a deployment sees it. For each of three models -- the teacher (as its
-transformers twin, so every row runs the same ``CLIPModel`` code), the student, and a dynamic-int8 copy of the
-student -- the report gives
-
-* parameters, and the size on disk (each model saved to a temporary folder: ``save_pretrained`` safetensors for
-  the float models, ``torch.save(state_dict)`` for the int8 one, whose packed weights safetensors cannot hold);
-* image and text encoding throughput on this machine (:func:`compare_throughput`: fixed synthetic inputs of the
-  model's own image size and context length, so image decoding and tokenising are excluded; one warm-up batch,
-  then the median of ``repeats`` timed batches; torch's thread count left as it is);
-* zero-shot acc@1 / acc@5 with :func:`mmkd.eval.zeroshot.evaluate_zeroshot` (optional).
-
-The comparison of accuracy against size follows the knowledge-distillation study in the research notes (dynamic
-quantization vs distillation on MNIST: quantization keeps accuracy and cuts the size of the Linear weights to a
-quarter; distillation cuts depth, and with it compute, not only bytes).
-
-Command line::
+What distillation buys, measured the way a deployment sees it, for the teacher (as its transformers twin, so every
+row runs the same ``CLIPModel`` code), the student and a dynamic-int8 copy of the student: parameters; bytes on
+disk (``save_pretrained`` safetensors, or ``torch.save(state_dict)`` for the int8 copy, whose packed weights
+safetensors cannot hold); image and text encoding throughput on this machine (:func:`compare_throughput`); and
+optionally zero-shot acc@1 / acc@5 (:func:`mmkd.eval.zeroshot.evaluate_zeroshot`). As in the research notes'
+distillation study: quantization keeps accuracy and cuts the Linear weights to a quarter of their bytes;
+distillation cuts depth, and with it compute. The command line is ``mmkd report`` (:mod:`mmkd.cli.report`)::
 
     python -m mmkd.report --teacher out/offline/teacher --student out/offline/distilled \\
         --dataset fashion_mnist --plot report.png --json report.json --markdown report.md
-    python -m mmkd.report --teacher ViT-B-32 --student out/student --dataset none --plot report.png
 
-Quantization uses ``torch.ao.quantization.quantize_dynamic`` on the ``nn.Linear`` layers. torch 2.14 marks
-``torch.ao.quantization`` deprecated (its successor is torchao's ``quantize_``, a separate package mmkd does not
-depend on); it still works, and its deprecation warnings are silenced here.
+Quantization is ``torch.ao.quantization.quantize_dynamic`` on the ``nn.Linear`` layers; torch 2.14 marks it
+deprecated (its successor is torchao's ``quantize_``, a package mmkd does not depend on), it still works, and its
+deprecation warnings are silenced here.
 """
 
 from __future__ import annotations
@@ -31,9 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,29 +30,23 @@ import torch
 from torch import nn
 
 from mmkd.reporting.hardware import machine_info
+from mmkd.reporting.tables import fmt, markdown_table, pct
+from mmkd.reporting.timing import interleaved_times, median_rate, time_summary
 
 __all__ = [
-    "QUANTIZATION",
-    "compare_throughput",
-    "compression_report",
-    "format_report",
-    "measure_throughput",
-    "quantize_int8",
-    "size_on_disk",
-]
+    "QUANTIZATION", "compare_throughput", "compression_report", "format_report", "measure_throughput",
+    "quantize_int8", "size_on_disk",
+]  # fmt: skip
 
 QUANTIZATION = "torch.ao.quantization.quantize_dynamic({nn.Linear}, dtype=torch.qint8)"
 #: dataset names the report knows besides paths and Hub ids; "none" skips the accuracy columns.
 NAMED_DATASETS = ("none", "fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder")
 #: a slowest / fastest timed batch ratio above this flags a disturbed throughput measurement in the Markdown
 DISTURBED_SPREAD = 1.2
+#: what a report row copies from :func:`compare_throughput`'s figures of its model
+SPEED_KEYS = ("image_size", "text_length", "image_per_s", "text_per_s", "image_seconds", "text_seconds")
 # "owner/name" as the Hub spells dataset ids (mmkd.eval.datasets uses the same pattern)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# measurements
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -99,26 +81,24 @@ def size_on_disk(model: nn.Module) -> tuple[int, str]:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar is noise in a report
     try:
-        return _size_on_disk(model)
+        with tempfile.TemporaryDirectory(prefix="mmkd-size-") as tmp:
+            if _is_quantized(model) or not hasattr(model, "save_pretrained"):
+                torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
+                how = "torch.save(state_dict)"
+            else:
+                model.save_pretrained(tmp)
+                how = "save_pretrained (safetensors)"
+            return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()), how
     finally:
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def _size_on_disk(model: nn.Module) -> tuple[int, str]:
-    with tempfile.TemporaryDirectory(prefix="mmkd-size-") as tmp:
-        if _is_quantized(model) or not hasattr(model, "save_pretrained"):
-            path = Path(tmp) / "state_dict.pt"
-            torch.save(model.state_dict(), path)
-            fmt = "torch.save(state_dict)"
-        else:
-            model.save_pretrained(tmp)
-            fmt = "save_pretrained (safetensors)"
-        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()), fmt
-
-
-def _median_rate(times: list[float], batch: int) -> float:
-    return batch / statistics.median(times)
+def _check_counts(**counts: tuple[Any, int]) -> None:
+    """Each ``name=(value, minimum)`` must be an integer (not a bool) >= minimum."""
+    for name, (value, minimum) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _synthetic_inputs(
@@ -141,118 +121,77 @@ def _synthetic_inputs(
 
 
 def compare_throughput(
-    models: dict[str, nn.Module],
-    *,
-    batch_size: int = 32,
-    repeats: int = 5,
-    warmup: int = 1,
-    text_length: int | None = None,
-    seed: int = 0,
-) -> dict[str, dict[str, Any]]:
+    models: dict[str, nn.Module], *, batch_size: int = 32, repeats: int = 5, warmup: int = 1,
+    text_length: int | None = None, seed: int = 0,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Image and text encoding throughput of several ``CLIPModel`` s (int8 copies included) on this machine.
 
     Inputs are fixed and synthetic -- ``batch_size`` random images of each model's image size, ``batch_size``
     texts of ``text_length`` token ids (default: the full context length, what open_clip always runs) ending in
-    the end-of-text id -- so the data pipeline is excluded and every model sees the same work per item. Each
-    encoder first runs ``warmup`` untimed batches; then, ``repeats`` times, every model encodes one image batch and
-    one text batch in turn (``time.perf_counter`` around one ``get_*_features`` call under
-    ``torch.inference_mode``). Interleaving the models spreads a passing load on the machine over all of them
-    instead of charging it to whichever model ran at that moment. The rate is ``batch_size`` / the median time;
-    the individual times are returned too, to judge how disturbed a measurement was. torch's thread count is not
-    touched. ``cpu_share`` is this process's CPU time over the timed phase divided by wall time x threads: near 1
-    (a little less for the serial parts of a forward) when every torch thread had a core to itself, well below
-    when other processes shared the cores -- a steady load slows every batch alike, which the spread of the times
-    does not show.
+    the end-of-text id -- so the data pipeline is excluded and every model sees the same work per item. The
+    encoders (one ``get_*_features`` call under ``torch.inference_mode`` each) are timed by
+    :func:`mmkd.reporting.timing.interleaved_times`: ``warmup`` untimed rounds, then ``repeats`` rounds in which
+    every model encodes one image batch and one text batch in turn, so a passing load on the machine is spread
+    over all of them. The rate is ``batch_size`` / the median time; the individual times are returned too, to
+    judge how disturbed a measurement was, and ``cpu_share`` (:meth:`~mmkd.reporting.timing.Timings.cpu_share`)
+    whether other processes shared the cores. torch's thread count is not touched.
 
     Returns ``{name: {"image_per_s", "text_per_s", "image_seconds", "text_seconds", "batch_size", "repeats",
     "warmup", "image_size", "text_length", "threads", "cpu_share"}}``.
     """
-    for name, value, minimum in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    _check_counts(batch_size=(batch_size, 1), repeats=(repeats, 1), warmup=(warmup, 0))
     if not models:
         raise ValueError("no models to measure")
-    inputs = {}
+    inputs, tasks = {}, {}
     for name, model in models.items():
         device = next(model.parameters()).device
-        inputs[name] = [t.to(device) for t in _synthetic_inputs(model, batch_size, text_length, seed)]
-
-    def timed(model: nn.Module, fn) -> float:
-        start = time.perf_counter()
-        fn()
-        device = next(model.parameters()).device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    def image(name: str) -> float:
-        px = inputs[name][0]
-        return timed(models[name], lambda: models[name].get_image_features(pixel_values=px))
-
-    def text(name: str) -> float:
-        _, ids, mask = inputs[name]
-        return timed(models[name], lambda: models[name].get_text_features(input_ids=ids, attention_mask=mask))
+        px, ids, mask = inputs[name] = [t.to(device) for t in _synthetic_inputs(model, batch_size, text_length, seed)]
+        tasks[name, "image"] = _encode(device, model.get_image_features, pixel_values=px)
+        tasks[name, "text"] = _encode(device, model.get_text_features, input_ids=ids, attention_mask=mask)
 
     modes = {name: model.training for name, model in models.items()}
-    times: dict[str, dict[str, list[float]]] = {name: {"image": [], "text": []} for name in models}
     try:
         for model in models.values():
             model.eval()
         with torch.inference_mode():
-            for name in models:
-                for _ in range(warmup):
-                    image(name)
-                    text(name)
-            cpu_start, wall_start = time.process_time(), time.perf_counter()
-            for _ in range(repeats):
-                for name in models:
-                    times[name]["image"].append(image(name))
-                    times[name]["text"].append(text(name))
-            cpu, wall = time.process_time() - cpu_start, time.perf_counter() - wall_start
+            timings = interleaved_times(tasks, repeats=repeats, warmup=warmup)
     finally:
         for name, model in models.items():
             model.train(modes[name])
+    times = timings.seconds
     return {
         name: {
-            "image_per_s": _median_rate(times[name]["image"], batch_size),
-            "text_per_s": _median_rate(times[name]["text"], batch_size),
-            "image_seconds": times[name]["image"],
-            "text_seconds": times[name]["text"],
+            "image_per_s": median_rate(times[name, "image"], batch_size),
+            "text_per_s": median_rate(times[name, "text"], batch_size),
+            "image_seconds": times[name, "image"],
+            "text_seconds": times[name, "text"],
             "batch_size": batch_size,
             "repeats": repeats,
             "warmup": warmup,
             "image_size": int(inputs[name][0].shape[-1]),
             "text_length": int(inputs[name][1].shape[1]),
             "threads": torch.get_num_threads(),
-            "cpu_share": cpu / (wall * torch.get_num_threads()),
+            "cpu_share": timings.cpu_share(),
         }
         for name in models
     }
 
 
+def _encode(device: torch.device, encoder, **batch: torch.Tensor):
+    """One encoder call on a fixed batch, finished on the device before it returns (so its time is the work's);
+    returns nothing, so no output is kept between calls."""
+
+    def call() -> None:
+        encoder(**batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return call
+
+
 def measure_throughput(model: nn.Module, **kwargs: Any) -> dict[str, Any]:
     """:func:`compare_throughput` of one model (same keyword arguments, same result for that model)."""
     return compare_throughput({"model": model}, **kwargs)["model"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# inputs
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class _SubsetDataset(torch.utils.data.Dataset):
-    """A subset that keeps the ``name`` and ``classnames`` evaluate_zeroshot reads its defaults from."""
-
-    def __init__(self, ds, indices: list[int]):
-        self.ds, self.indices = ds, indices
-        self.name = getattr(ds, "name", None)
-        self.classnames = getattr(ds, "classnames", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.ds[self.indices[i]]
 
 
 def _fashion_mnist_templates() -> list[str]:
@@ -291,7 +230,10 @@ def load_report_dataset(
         raise ValueError(f"dataset {getattr(ds, 'name', dataset)!r} has no images")
     if max_examples is not None and max_examples < len(ds):
         gen = torch.Generator().manual_seed(seed)
-        ds = _SubsetDataset(ds, sorted(torch.randperm(len(ds), generator=gen)[:max_examples].tolist()))
+        subset = torch.utils.data.Subset(ds, sorted(torch.randperm(len(ds), generator=gen)[:max_examples].tolist()))
+        # evaluate_zeroshot reads its default class names and templates from these
+        subset.name, subset.classnames = getattr(ds, "name", None), getattr(ds, "classnames", None)
+        ds = subset
     return ds, None
 
 
@@ -326,34 +268,42 @@ def _teacher_model(teacher: Any, teacher_pretrained: str | None, teacher_process
     """(transformers CLIPModel, CLIPProcessor, name) of a teacher spec, CLIPTeacher or CLIPModel."""
     from transformers import CLIPModel
 
-    from mmkd.teachers import CLIPTeacher, load_teacher
+    from mmkd.teachers import CLIPTeacher, load_transformers_clip
 
     if isinstance(teacher, CLIPModel):
         if teacher_processor is None:
             raise ValueError("a CLIPModel teacher needs its processor: compression_report(..., teacher_processor=)")
         return teacher, teacher_processor, getattr(teacher.config, "_name_or_path", "") or "teacher"
     if isinstance(teacher, (str, Path)):
-        teacher = load_teacher(str(teacher), pretrained=teacher_pretrained)
-    if not isinstance(teacher, CLIPTeacher):
+        model, processor, name = load_transformers_clip(str(teacher), pretrained=teacher_pretrained)
+    elif isinstance(teacher, CLIPTeacher):
+        model, processor, name = teacher.to_transformers(), teacher.transformers_processor(), teacher.name
+    else:
         raise TypeError(f"teacher must be a spec string, a CLIPTeacher or a CLIPModel, got {type(teacher).__name__}")
-    model = teacher.to_transformers().float().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, teacher.transformers_processor(), teacher.name
+    return _frozen(model), processor, name
 
 
 def _student_model(student: Any, student_processor: Any) -> tuple[Any, Any, str]:
-    from transformers import CLIPModel, CLIPProcessor
+    """(CLIPModel, CLIPProcessor, name) of a student folder (with its processor files) or a CLIPModel."""
+    from transformers import CLIPModel
+
+    from mmkd.teachers import load_transformers_clip
 
     if isinstance(student, CLIPModel):
         if student_processor is None:
             raise ValueError("a CLIPModel student needs its processor: compression_report(..., student_processor=)")
         return student, student_processor, getattr(student.config, "_name_or_path", "") or "student"
-    path = Path(student)
-    _check_student_dir(path)
-    model = CLIPModel.from_pretrained(path).float().eval()
-    processor = student_processor if student_processor is not None else CLIPProcessor.from_pretrained(path)
-    return model, processor, str(student)
+    _check_student_dir(Path(student))
+    model, processor, _ = load_transformers_clip(str(student), backend="transformers")
+    return _frozen(model), student_processor if student_processor is not None else processor, str(student)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    """A loaded model as it is measured: float32, eval mode, no gradients."""
+    model = model.float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def _layers(model: nn.Module) -> str:
@@ -361,37 +311,21 @@ def _layers(model: nn.Module) -> str:
     return f"{cfg.vision_config.num_hidden_layers}+{cfg.text_config.num_hidden_layers}"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the report
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def compression_report(
-    teacher: Any,
-    student: Any,
-    dataset: Any = None,
-    *,
-    teacher_pretrained: str | None = None,
-    teacher_processor: Any = None,
-    student_processor: Any = None,
-    data_dir: str | None = None,
-    max_examples: int | None = None,
-    batch_size: int = 32,
-    repeats: int = 5,
-    warmup: int = 1,
-    text_length: int | None = None,
-    eval_batch_size: int = 256,
-    quantize: bool = True,
-    progress: bool = False,
+    teacher: Any, student: Any, dataset: Any = None, *, teacher_pretrained: str | None = None,
+    teacher_processor: Any = None, student_processor: Any = None, data_dir: str | None = None,
+    max_examples: int | None = None, batch_size: int = 32, repeats: int = 5, warmup: int = 1,
+    text_length: int | None = None, eval_batch_size: int = 256, quantize: bool = True, progress: bool = False,
     log=None,
-) -> dict[str, Any]:
+) -> dict[str, Any]:  # fmt: skip
     """Measure teacher, student and int8 student; returns a JSON-able dict (see :func:`format_report`).
 
     Args:
-        teacher: anything :func:`mmkd.teachers.load_teacher` takes (open_clip name / json / checkpoint,
+        teacher: anything :func:`mmkd.teachers.load_transformers_clip` takes (open_clip name / json / checkpoint,
             transformers folder or hub id), a ``CLIPTeacher``, or a ``CLIPModel`` with ``teacher_processor``. It is
             measured as its transformers twin (``to_transformers()``), so all rows run the same code.
-        student: a ``save_pretrained`` folder, or a ``CLIPModel`` with ``student_processor``.
+        student: a ``save_pretrained`` folder with its processor files (loaded the same way; ``student_processor``
+            replaces the folder's), or a ``CLIPModel`` with ``student_processor``.
         dataset: ``None`` / ``"none"`` (no accuracy), ``"fashion_mnist"`` (offline test split, mmkd's templates),
             a name or path for :func:`mmkd.eval.datasets.load_classification_dataset`, or a dataset object of
             ``(PIL image, label)`` pairs with ``.classnames``.
@@ -406,14 +340,9 @@ def compression_report(
     Every input is checked (student folder, dataset) and the dataset is loaded before any model is.
     """
     say = log or (lambda _msg: None)
-    for name, value, minimum in (
-        ("batch_size", batch_size, 1),
-        ("repeats", repeats, 1),
-        ("warmup", warmup, 0),
-        ("eval_batch_size", eval_batch_size, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    _check_counts(
+        batch_size=(batch_size, 1), repeats=(repeats, 1), warmup=(warmup, 0), eval_batch_size=(eval_batch_size, 1)
+    )
     if isinstance(student, (str, Path)):
         _check_student_dir(Path(student))
     if isinstance(teacher, (str, Path)):
@@ -438,13 +367,8 @@ def compression_report(
         models.append(("student int8", f"{s_name} (int8)", quantize_int8(s_model), s_proc))
 
     say(f"throughput: {repeats} interleaved repeats of batch {batch_size} per encoder")
-    speeds = compare_throughput(
-        {label: model for label, _, model, _ in models},
-        batch_size=batch_size,
-        repeats=repeats,
-        warmup=warmup,
-        text_length=text_length,
-    )
+    speeds = compare_throughput({label: model for label, _, model, _ in models}, batch_size=batch_size,
+                                repeats=repeats, warmup=warmup, text_length=text_length)
     rows = []
     for label, name, model, proc in models:
         say(f"{label}: size on disk")
@@ -459,15 +383,10 @@ def compression_report(
             "size_bytes": size_bytes,
             "size_mb": size_bytes / 1e6,
             "size_format": size_format,
-            "image_size": speed["image_size"],
-            "text_length": speed["text_length"],
-            "image_per_s": speed["image_per_s"],
-            "text_per_s": speed["text_per_s"],
-            "image_seconds": speed["image_seconds"],
-            "text_seconds": speed["text_seconds"],
+            **{key: speed[key] for key in SPEED_KEYS},
             # slowest / fastest timed batch: near 1 on a quiet machine, well above it when something else ran
-            "image_spread": max(speed["image_seconds"]) / min(speed["image_seconds"]),
-            "text_spread": max(speed["text_seconds"]) / min(speed["text_seconds"]),
+            "image_spread": time_summary(speed["image_seconds"])["spread"],
+            "text_spread": time_summary(speed["text_seconds"])["spread"],
             "acc1": None,
             "acc5": None,
         }
@@ -476,14 +395,8 @@ def compression_report(
 
             say(f"{label}: zero-shot accuracy")
             ds, templates = task
-            result = evaluate_zeroshot(
-                model,
-                ds,
-                templates=templates,
-                processor=proc,
-                batch_size=eval_batch_size,
-                progress=progress,
-            )
+            result = evaluate_zeroshot(model, ds, templates=templates, processor=proc, batch_size=eval_batch_size,
+                                       progress=progress)
             row["acc1"], row["acc5"] = result["acc1"], result.get("acc5")
         rows.append(row)
     base = rows[0]
@@ -520,26 +433,10 @@ def compression_report(
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# output
-# ---------------------------------------------------------------------------------------------------------------
-
 TABLE_HEADER = (
-    "model",
-    "layers (vision+text)",
-    "parameters",
-    "size on disk (MB)",
-    "image enc/s",
-    "text enc/s",
-    "image speed-up vs teacher",
-    "text speed-up vs teacher",
-    "acc@1 (%)",
-    "acc@5 (%)",
-)
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
+    "model", "layers (vision+text)", "parameters", "size on disk (MB)", "image enc/s", "text enc/s",
+    "image speed-up vs teacher", "text speed-up vs teacher", "acc@1 (%)", "acc@5 (%)",
+)  # fmt: skip
 
 
 def table_cells(row: dict[str, Any]) -> list[str]:
@@ -547,14 +444,14 @@ def table_cells(row: dict[str, Any]) -> list[str]:
     return [
         row["model"],
         row["layers"],
-        f"{row['parameters']:,}",
-        f"{row['size_mb']:.2f}",
-        f"{row['image_per_s']:.1f}",
-        f"{row['text_per_s']:.1f}",
-        f"{row['image_speedup']:.2f}×",
-        f"{row['text_speedup']:.2f}×",
-        _pct(row["acc1"]),
-        _pct(row["acc5"]),
+        fmt(row["parameters"], ","),
+        fmt(row["size_mb"]),
+        fmt(row["image_per_s"], ".1f"),
+        fmt(row["text_per_s"], ".1f"),
+        f"{fmt(row['image_speedup'])}×",
+        f"{fmt(row['text_speedup'])}×",
+        pct(row["acc1"]),
+        pct(row["acc5"]),
     ]
 
 
@@ -591,8 +488,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("Zero-shot accuracy: not measured (no dataset).")
     if s.get("quantization"):
         lines.append(f"int8: `{s['quantization']}` on a copy of the student.")
-    lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
-    lines += ["| " + " | ".join(table_cells(row)) + " |" for row in report["rows"]]
+    lines += ["", markdown_table(TABLE_HEADER, (table_cells(row) for row in report["rows"]))]
     return "\n".join(lines) + "\n"
 
 
