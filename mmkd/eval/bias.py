@@ -41,7 +41,6 @@ CLI: ``mmkd bias --model out/student --compare-to openai/clip-vit-base-patch32 -
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import os
@@ -85,16 +84,6 @@ def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray
     return np.mean(x, axis=axis) - np.mean(y, axis=axis)
 
 
-@functools.cache
-def _rng_keyword() -> str:
-    """``permutation_test``'s generator argument: ``rng`` from scipy 1.15, ``random_state`` before."""
-    import inspect
-
-    from scipy import stats
-
-    return "rng" if "rng" in inspect.signature(stats.permutation_test).parameters else "random_state"
-
-
 def weat_p_value(
     s_x: Sequence[float], s_y: Sequence[float], permutations: int = 10000, seed: int = 0
 ) -> tuple[float | None, bool | None, int | None]:
@@ -124,7 +113,7 @@ def weat_p_value(
         n_resamples=permutations,
         batch=_BATCH,
         alternative="greater",
-        **{_rng_keyword(): np.random.default_rng(seed)},
+        rng=np.random.default_rng(seed),
     )
     return float(result.pvalue), exact, partitions
 

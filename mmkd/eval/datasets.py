@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS",
+    "HUB_ID",
     "IMAGE_EXTENSIONS",
     "ClassificationDataset",
     "DatasetUnavailableError",
@@ -58,7 +59,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _SPLIT_FOLDER_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
 
 # "owner/name" as the Hub spells repository ids; anything else with a slash is treated as a local path.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class DatasetUnavailableError(OSError):
@@ -374,7 +375,7 @@ def load_classification_dataset(name: str, data_dir: str | None = None, split: s
         return _load_local(path, split, image_column, label_column, None)
     if data_dir is not None:
         return _load_local(Path(data_dir).expanduser(), split, image_column, label_column, name_str)
-    if _HUB_ID.fullmatch(name_str):
+    if HUB_ID.fullmatch(name_str):
         return _load_from_hub(name_str, split, image_column, label_column, name_str,
                               hint=f"if {name_str!r} was meant as a local directory, it does not exist")
     if "/" in name_str or os.sep in name_str or name_str.startswith((".", "~")):

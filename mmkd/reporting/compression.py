@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmkd.eval.datasets import HUB_ID
 from mmkd.reporting.hardware import machine_info
 from mmkd.reporting.tables import fmt, markdown_table, pct
 from mmkd.reporting.timing import interleaved_times, median_rate, time_summary
@@ -45,8 +45,6 @@ NAMED_DATASETS = ("none", "fashion_mnist", "cifar10", "cifar100", "stl10", "imag
 DISTURBED_SPREAD = 1.2
 #: what a report row copies from :func:`compare_throughput`'s figures of its model
 SPEED_KEYS = ("image_size", "text_length", "image_per_s", "text_per_s", "image_seconds", "text_seconds")
-# "owner/name" as the Hub spells dataset ids (mmkd.eval.datasets uses the same pattern)
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -257,7 +255,7 @@ def _check_dataset_name(dataset: Any, data_dir: str | None) -> None:
     spec = str(dataset)
     if spec.lower() in NAMED_DATASETS or Path(spec).exists():
         return
-    if not _HUB_ID.fullmatch(spec):
+    if not HUB_ID.fullmatch(spec):
         raise ValueError(
             f"unknown dataset {spec!r}: use none, fashion_mnist, cifar10, cifar100, stl10 (--data-dir with the "
             "official files), an image folder path, or a Hub id owner/name"

@@ -36,6 +36,7 @@ __all__ = [
     "TeacherOutput",
     "TransformersCLIPTeacher",
     "load_teacher",
+    "load_transformers_clip",
     "resolve_backend",
 ]
 
