@@ -1,1 +1,1 @@
-"""open_clip <-> transformers: exact model conversion in both directions and the preprocessing mapping."""
+"""open_clip <-> transformers: exact conversion both ways (one key table) and the preprocessing mapping."""

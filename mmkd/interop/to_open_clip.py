@@ -1,37 +1,33 @@
 """Export a transformers ``CLIPModel`` (an mmkd student) as an open_clip checkpoint, weight for weight.
 
-The inverse of :mod:`mmkd.interop.to_transformers`: students are stock ``CLIPModel`` folders, and this puts one back into the
-open_clip ecosystem (CLIP_benchmark, open_clip training code, ``open_clip.create_model_and_transforms``) without a
-copy of mmkd. The export is exact -- open_clip's ``encode_image`` / ``encode_text`` equal the ``CLIPModel``'s
-``get_image_features`` / ``get_text_features`` up to float rounding -- or it does not happen: anything a stock
-open_clip ``CLIP`` cannot express raises ``ValueError`` naming it before any file is written.
+The inverse of :mod:`mmkd.interop.to_transformers`, through the same key table (:mod:`mmkd.interop.keymap`):
+it puts a student back into the open_clip ecosystem (CLIP_benchmark, open_clip training code) without mmkd.
+The export is exact -- open_clip's ``encode_image`` / ``encode_text`` equal the ``CLIPModel``'s features up to
+float rounding -- or it does not happen: anything open_clip's ``CLIP`` cannot express raises ``ValueError``
+naming it before any file is written.
 
-:func:`export_open_clip` writes three files into ``output_dir``:
+:func:`export_open_clip` writes into ``output_dir``:
 
-* ``open_clip_config.json`` -- ``{"model_cfg": {...}, "preprocess_cfg": {...}}``, the layout open_clip's own
-  ``push_to_hf_hub`` writes and its ``local-dir:`` / ``hf-hub:`` loaders read, so both architecture and image
-  preprocessing come back with one call::
+* ``open_clip_config.json`` -- ``{"model_cfg", "preprocess_cfg"}``, what open_clip's ``push_to_hf_hub``
+  writes and its ``local-dir:`` / ``hf-hub:`` loaders read (architecture and preprocessing in one call)::
 
       model, _, preprocess = open_clip.create_model_and_transforms("local-dir:OUTPUT_DIR")
       tokenizer = open_clip.get_tokenizer("local-dir:OUTPUT_DIR")
 
-* ``<model_name>.json`` -- the bare model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``) for
-  ``open_clip.add_model_config``, which registers a file under its stem. It has no ``preprocess_cfg``: open_clip
-  passes every key of a registered config to ``CLIP(**cfg)``, which would reject it, and open_clip ignores
-  preprocessing for a registered name loaded with ``pretrained=<file>`` anyway. Pass the values of
-  ``open_clip_config.json``'s ``preprocess_cfg`` yourself on that route::
+* ``<model_name>.json`` -- the bare model config for ``open_clip.add_model_config`` (registered under its
+  stem). No ``preprocess_cfg``: open_clip passes every key to ``CLIP(**cfg)`` and ignores preprocessing for a
+  registered name loaded with ``pretrained=<file>``, so pass the values of ``open_clip_config.json``'s
+  ``preprocess_cfg`` yourself on that route::
 
       open_clip.add_model_config("OUTPUT_DIR/mmkd-student.json")
       model, _, preprocess = open_clip.create_model_and_transforms(
           "mmkd-student", pretrained="OUTPUT_DIR/open_clip_model.safetensors",
           image_mean=..., image_std=..., image_interpolation=..., image_resize_mode=...)
 
-* ``open_clip_model.safetensors`` -- the state dict (open_clip 3's ``load_checkpoint`` reads ``.safetensors``
-  directly, and it is the first name its ``local-dir:`` loader looks for).
+* ``open_clip_model.safetensors`` -- the state dict (read directly by open_clip 3's ``load_checkpoint``; the
+  first name its ``local-dir:`` loader looks for).
 
-Command line::
-
-    python -m mmkd.export out/offline/distilled out/offline/distilled-open_clip [--model-name NAME]
+Command line: ``python -m mmkd.export STUDENT_DIR OUTPUT_DIR [--model-name NAME]``.
 """
 
 from __future__ import annotations
@@ -45,6 +41,10 @@ from typing import Any
 
 import torch
 from transformers import CLIPConfig, CLIPModel
+
+from mmkd.interop.keymap import KeyMapError, hf_to_open_clip_state_dict
+from mmkd.interop.preprocessing import _default_preprocess_cfg, preprocess_cfg_from_image_processor
+from mmkd.interop.to_transformers import OPENCLIP_VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,6 @@ DEFAULT_MODEL_NAME = "mmkd-student"
 
 #: open_clip's LayerNorm is ``nn.LayerNorm`` with its default eps; another eps goes into ``norm_kwargs``.
 _OPEN_CLIP_LN_EPS = 1e-5
-#: open_clip's CLIP tokenizer (SimpleTokenizer) vocabulary; see :data:`mmkd.interop.to_transformers.OPENCLIP_VOCAB_SIZE`.
-_CLIP_VOCAB_SIZE = 49408
 #: transformers' activations open_clip reproduces exactly: nn.GELU (with act_kwargs) or its QuickGELU.
 _GELU_KWARGS = {"gelu": None, "gelu_pytorch_tanh": {"approximate": "tanh"}}
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -138,9 +136,9 @@ def _open_clip_model_cfg(config: CLIPConfig) -> dict[str, Any]:
     )
 
     vocab = int(tc.vocab_size)
-    if vocab != _CLIP_VOCAB_SIZE:
+    if vocab != OPENCLIP_VOCAB_SIZE:
         raise _unsupported(
-            f"a text vocabulary of {vocab} tokens (open_clip's CLIP tokenizer has {_CLIP_VOCAB_SIZE})"
+            f"a text vocabulary of {vocab} tokens (open_clip's CLIP tokenizer has {OPENCLIP_VOCAB_SIZE})"
         )
     text.update(context_length=int(tc.max_position_embeddings), vocab_size=vocab, heads=int(tc.num_attention_heads))
     eos = tc.eos_token_id
@@ -169,71 +167,17 @@ def _open_clip_model_cfg(config: CLIPConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _Source:
-    """The CLIPModel's state dict; records which entries were used, so nothing is silently dropped."""
-
-    def __init__(self, model: CLIPModel):
-        self.sd = {k: v.detach() for k, v in model.state_dict().items()}
-        self.used: set[str] = set()
-
-    def __call__(self, key: str) -> torch.Tensor:
-        if key not in self.sd:
-            raise _unsupported(f"a CLIPModel without {key!r} (a modified architecture)")
-        self.used.add(key)
-        return self.sd[key]
-
-    def unused(self) -> list[str]:
-        # position_ids are non-persistent index buffers in transformers 5; tolerate them from older subclasses
-        return sorted(k for k in self.sd if k not in self.used and not k.endswith("position_ids"))
-
-
-def _copy_blocks(src: _Source, hf_prefix: str, oc_prefix: str, layers: int, out: dict[str, torch.Tensor]) -> None:
-    """transformers ``CLIPEncoderLayer`` -> open_clip ``ResidualAttentionBlock`` (fused q/k/v in_proj)."""
-    for i in range(layers):
-        h, o = f"{hf_prefix}.{i}", f"{oc_prefix}.{i}"
-        out[f"{o}.ln_1.weight"] = src(f"{h}.layer_norm1.weight")
-        out[f"{o}.ln_1.bias"] = src(f"{h}.layer_norm1.bias")
-        qkv = ("q_proj", "k_proj", "v_proj")
-        out[f"{o}.attn.in_proj_weight"] = torch.cat([src(f"{h}.self_attn.{n}.weight") for n in qkv])
-        out[f"{o}.attn.in_proj_bias"] = torch.cat([src(f"{h}.self_attn.{n}.bias") for n in qkv])
-        out[f"{o}.attn.out_proj.weight"] = src(f"{h}.self_attn.out_proj.weight")
-        out[f"{o}.attn.out_proj.bias"] = src(f"{h}.self_attn.out_proj.bias")
-        out[f"{o}.ln_2.weight"] = src(f"{h}.layer_norm2.weight")
-        out[f"{o}.ln_2.bias"] = src(f"{h}.layer_norm2.bias")
-        out[f"{o}.mlp.c_fc.weight"] = src(f"{h}.mlp.fc1.weight")
-        out[f"{o}.mlp.c_fc.bias"] = src(f"{h}.mlp.fc1.bias")
-        out[f"{o}.mlp.c_proj.weight"] = src(f"{h}.mlp.fc2.weight")
-        out[f"{o}.mlp.c_proj.bias"] = src(f"{h}.mlp.fc2.bias")
-
-
 def _open_clip_state_dict(model: CLIPModel, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
-    src = _Source(model)
-    out: dict[str, torch.Tensor] = {}
-    v = "vision_model"
-    out["visual.class_embedding"] = src(f"{v}.embeddings.class_embedding")
-    out["visual.positional_embedding"] = src(f"{v}.embeddings.position_embedding.weight")
-    out["visual.conv1.weight"] = src(f"{v}.embeddings.patch_embedding.weight")
-    out["visual.ln_pre.weight"] = src(f"{v}.pre_layrnorm.weight")
-    out["visual.ln_pre.bias"] = src(f"{v}.pre_layrnorm.bias")
-    _copy_blocks(src, f"{v}.encoder.layers", "visual.transformer.resblocks", cfg["vision_cfg"]["layers"], out)
-    out["visual.ln_post.weight"] = src(f"{v}.post_layernorm.weight")
-    out["visual.ln_post.bias"] = src(f"{v}.post_layernorm.bias")
-    out["visual.proj"] = src("visual_projection.weight").t()  # open_clip: x @ proj, (width, embed_dim)
-
-    t = "text_model"
-    out["token_embedding.weight"] = src(f"{t}.embeddings.token_embedding.weight")
-    out["positional_embedding"] = src(f"{t}.embeddings.position_embedding.weight")
-    _copy_blocks(src, f"{t}.encoder.layers", "transformer.resblocks", cfg["text_cfg"]["layers"], out)
-    out["ln_final.weight"] = src(f"{t}.final_layer_norm.weight")
-    out["ln_final.bias"] = src(f"{t}.final_layer_norm.bias")
-    out["text_projection"] = src("text_projection.weight").t()
-    out["logit_scale"] = src("logit_scale").reshape(())
-
-    unused = src.unused()
-    if unused:
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    try:
+        out = hf_to_open_clip_state_dict(sd, cfg["vision_cfg"]["layers"], cfg["text_cfg"]["layers"])
+    except KeyMapError as exc:
+        if exc.missing:
+            raise _unsupported(f"a CLIPModel without {exc.missing[0]!r} (a modified architecture)") from None
         # e.g. a projection bias or an extra norm added to a CLIPModel subclass: open_clip's CLIP has no place for it
+        unused = exc.unmapped
         shown = ", ".join(unused[:8]) + (f", ... ({len(unused)} in all)" if len(unused) > 8 else "")
-        raise _unsupported(f"the parameter(s) {shown}")
+        raise _unsupported(f"the parameter(s) {shown}") from None
     # safetensors wants contiguous, unshared tensors on the CPU
     return {k: t.to("cpu").contiguous().clone() for k, t in out.items()}
 
@@ -259,114 +203,6 @@ def clip_model_to_open_clip(model: CLIPModel) -> tuple[dict[str, Any], dict[str,
         raise TypeError(f"expected a transformers CLIPModel, got {type(model).__name__}")
     cfg = _open_clip_model_cfg(model.config)
     return cfg, _open_clip_state_dict(model, cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# preprocessing
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _size_get(size: Any, key: str) -> int | None:
-    if size is None:
-        return None
-    value = size.get(key) if hasattr(size, "get") else getattr(size, key, None)
-    return None if value is None else int(value)
-
-
-def _three(values: Any, name: str) -> list[float]:
-    values = [float(values)] * 3 if isinstance(values, (int, float)) else [float(v) for v in values]
-    if len(values) != 3:
-        raise ValueError(f"image processor {name} must have 3 values (RGB), got {values}")
-    return values
-
-
-def preprocess_cfg_from_image_processor(image_processor: Any, image_size: int | None = None) -> dict[str, Any]:
-    """open_clip's inference ``preprocess_cfg`` equal to a transformers ``CLIPImageProcessor``.
-
-    Returns ``{"size", "mean", "std", "interpolation", "resize_mode"}``. A shortest-edge resize to the crop size
-    followed by a centre crop is open_clip's ``'shortest'`` mode, a square ``{height, width}`` resize its
-    ``'squash'``; ``do_normalize=False`` is mean 0 / std 1. Raises ``ValueError`` for what open_clip's transform
-    cannot do (no resize, a crop smaller than the resize -- ImageNet-style crop_pct --, resampling other than
-    bicubic / bilinear, a rescale factor other than 1/255) and when the size differs from the model's
-    ``image_size``.
-    """
-    ip = image_processor
-    if not getattr(ip, "do_resize", True):
-        raise ValueError("the image processor has do_resize=False; open_clip's transform always resizes")
-    crop = getattr(ip, "crop_size", None) if getattr(ip, "do_center_crop", False) else None
-    crop_hw = None if crop is None else (_size_get(crop, "height"), _size_get(crop, "width"))
-    size = ip.size
-    shortest = _size_get(size, "shortest_edge")
-    height, width = _size_get(size, "height"), _size_get(size, "width")
-    if shortest is not None:
-        if crop_hw != (shortest, shortest):
-            raise ValueError(
-                f"the image processor resizes the shortest edge to {shortest} and then "
-                f"{'crops ' + str(crop_hw) if crop_hw else 'does not crop'}; open_clip's 'shortest' mode resizes "
-                "to the crop size and centre-crops a square"
-            )
-        out_size, resize_mode = shortest, "shortest"
-    elif height is not None and width is not None:
-        if height != width or (crop_hw is not None and crop_hw != (height, width)):
-            raise ValueError(
-                f"the image processor resizes to {height}x{width}"
-                f"{' and crops ' + str(crop_hw) if crop_hw else ''}; open_clip's 'squash' mode needs a square "
-                "resize without a smaller crop"
-            )
-        out_size, resize_mode = height, "squash"
-    else:
-        raise ValueError(f"unsupported image processor size {size!r} (need shortest_edge or height/width)")
-    if image_size is not None and out_size != image_size:
-        raise ValueError(
-            f"the image processor produces {out_size}x{out_size} images but the model's image_size is {image_size}"
-        )
-    resample = getattr(ip, "resample", 3)
-    interpolation = {2: "bilinear", 3: "bicubic"}.get(int(resample) if resample is not None else 3)
-    if interpolation is None:
-        raise ValueError(f"image processor resample={resample!r}: open_clip resizes bicubic or bilinear only")
-    if getattr(ip, "do_rescale", True) and not math.isclose(float(ip.rescale_factor), 1 / 255, rel_tol=1e-9):
-        raise ValueError(f"image processor rescale_factor {ip.rescale_factor}: open_clip scales pixels by 1/255")
-    if not getattr(ip, "do_rescale", True):
-        raise ValueError("the image processor has do_rescale=False; open_clip scales pixels by 1/255")
-    if getattr(ip, "do_normalize", True):
-        mean, std = _three(ip.image_mean, "image_mean"), _three(ip.image_std, "image_std")
-    else:
-        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-    return {"size": out_size, "mean": mean, "std": std, "interpolation": interpolation, "resize_mode": resize_mode}
-
-
-def _default_preprocess_cfg(model: CLIPModel) -> dict[str, Any]:
-    """The preprocessing recorded by :func:`mmkd.interop.to_transformers.open_clip_to_transformers`, else open_clip's defaults."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    from mmkd.interop.to_transformers import PREPROCESS_CONFIG_KEY
-
-    image_size = int(model.config.vision_config.image_size)
-    recorded = getattr(model.config, PREPROCESS_CONFIG_KEY, None)
-    if recorded:
-        size = recorded.get("size", image_size)
-        size = int(size[0] if isinstance(size, (list, tuple)) else size)
-        if size != image_size:
-            raise ValueError(f"config.{PREPROCESS_CONFIG_KEY} size {size} differs from the model's {image_size}")
-        return {
-            "size": size,
-            "mean": _three(recorded.get("mean", OPENAI_DATASET_MEAN), "mean"),
-            "std": _three(recorded.get("std", OPENAI_DATASET_STD), "std"),
-            "interpolation": recorded.get("interpolation", "bicubic"),
-            "resize_mode": recorded.get("resize_mode", "shortest"),
-        }
-    logger.warning(
-        "no image processor given or saved beside the model: exporting open_clip's default preprocessing "
-        "(OpenAI mean/std, bicubic shortest-edge resize + centre crop to %d)",
-        image_size,
-    )
-    return {
-        "size": image_size,
-        "mean": list(OPENAI_DATASET_MEAN),
-        "std": list(OPENAI_DATASET_STD),
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,32 +1,36 @@
 """Exact conversion of open_clip CLIP teachers to a stock ``transformers.CLIPModel`` + ``CLIPProcessor``.
 
-mmkd's students are always plain ``transformers`` CLIP models, loadable without mmkd. A teacher trained with
-`open_clip <https://github.com/mlfoundations/open_clip>`_ is converted here, weight for weight:
+mmkd's students are plain ``transformers`` CLIP models, loadable without mmkd; an open_clip teacher is
+converted here weight for weight:
 
-* :func:`open_clip_to_transformers` -- ``open_clip.CLIP`` (ViT image tower, standard text tower) to ``CLIPModel``.
-  Anything open_clip can be configured to do that a stock ``CLIPModel`` cannot represent raises ``ValueError``
-  naming the feature, so a conversion either is exact or does not happen.
-* :func:`open_clip_tokenizer_to_transformers` -- the CLIP BPE tokenizer, built offline from the vocabulary file that
-  ships inside the open_clip wheel.
-* :func:`image_processor_from_open_clip` -- a ``CLIPImageProcessor`` with open_clip's resize/crop/normalisation.
-* :func:`open_clip_processor` -- the two combined into a ``CLIPProcessor``.
-
-Layout notes (open_clip 3.x): the residual blocks use ``nn.MultiheadAttention`` with a fused ``in_proj_weight``
-(rows ``[q; k; v]``), ``mlp.c_fc`` / ``mlp.c_proj`` linears, and the transformers are batch-first
-(``Transformer.batch_first=True``); the image projection ``visual.proj`` is a ``(width, embed_dim)`` parameter used
-as ``x @ proj``, the text projection is either such a parameter or an ``nn.Linear``.
+* :func:`open_clip_to_transformers` -- ``open_clip.CLIP`` (ViT image tower, standard text tower) to
+  ``CLIPModel``. The modules are walked first and anything a stock ``CLIPModel`` cannot represent raises
+  ``ValueError`` naming the feature, so a conversion is exact or does not happen; the tensors then go through
+  the one key table of :mod:`mmkd.interop.keymap` (shared with the inverse, :mod:`mmkd.interop.to_open_clip`).
+* :func:`open_clip_tokenizer_to_transformers` -- the CLIP BPE tokenizer, built offline from the vocabulary file
+  that ships inside the open_clip wheel.
+* :func:`open_clip_processor` -- that tokenizer plus :func:`image_processor_from_open_clip`
+  (:mod:`mmkd.interop.preprocessing`) as a ``CLIPProcessor``.
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+from mmkd.interop.keymap import key_table, open_clip_to_hf_state_dict
+from mmkd.interop.preprocessing import (
+    PREPROCESS_CONFIG_KEY,
+    _openclip_preprocess_cfg,
+    _rgb,
+    image_processor_from_open_clip,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ __all__ = [
     "OPENCLIP_BOS_TOKEN_ID",
     "OPENCLIP_EOS_TOKEN_ID",
     "OPENCLIP_VOCAB_SIZE",
+    "PREPROCESS_CONFIG_KEY",
     "image_processor_from_open_clip",
     "open_clip_processor",
     "open_clip_to_transformers",
@@ -46,10 +51,6 @@ OPENCLIP_EOS_TOKEN_ID = 49407
 #: 256 byte tokens + 256 end-of-word byte tokens + 48894 merges + 2 special tokens.
 OPENCLIP_VOCAB_SIZE = 49408
 _NUM_MERGES = OPENCLIP_VOCAB_SIZE - 256 * 2 - 2  # open_clip reads merges[1 : 49152 - 256 - 2 + 1]
-
-#: key under which the converted model's config records the teacher's image preprocessing (plain JSON data,
-#: ignored by ``CLIPModel`` itself; read back by :func:`image_processor_from_open_clip`).
-PREPROCESS_CONFIG_KEY = "open_clip_preprocess_cfg"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -71,18 +72,13 @@ def _uniform(values: Iterable[Any], what: str, model: nn.Module) -> Any:
     return values[0]
 
 
-def _layer_norm_params(ln: nn.Module, where: str, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(weight, bias, eps) of an open_clip LayerNorm; a missing affine weight/bias is an exact ones/zeros."""
+def _layer_norm_eps(ln: nn.Module, where: str, model: nn.Module) -> float:
+    """eps of an open_clip LayerNorm over the last dim (a missing affine is filled in by :func:`_absent`)."""
     if not isinstance(ln, nn.LayerNorm):
         raise _unsupported(f"{where} is a {type(ln).__name__}, not a LayerNorm", model)
     if len(ln.normalized_shape) != 1:
         raise _unsupported(f"{where} normalises over {tuple(ln.normalized_shape)} (not the last dim only)", model)
-    (dim,) = ln.normalized_shape
-    ref = next((p for p in (ln.weight, ln.bias) if p is not None), None)
-    kw = {"dtype": ref.dtype if ref is not None else torch.float32}
-    weight = ln.weight if ln.weight is not None else torch.ones(dim, **kw)
-    bias = ln.bias if ln.bias is not None else torch.zeros(dim, **kw)
-    return weight, bias, float(ln.eps)
+    return float(ln.eps)
 
 
 def _activation_name(act: nn.Module, where: str, model: nn.Module) -> str:
@@ -95,10 +91,10 @@ def _activation_name(act: nn.Module, where: str, model: nn.Module) -> str:
     raise _unsupported(f"{where} activation {type(act).__name__}", model)
 
 
-def _convert_transformer(
-    transformer: nn.Module, prefix: str, sd: dict[str, torch.Tensor], ln_eps: list[float], tower: str, model: nn.Module
+def _check_transformer(
+    transformer: nn.Module, ln_eps: list[float], tower: str, model: nn.Module
 ) -> dict[str, Any]:
-    """Copy open_clip ``Transformer.resblocks`` into ``{prefix}.layers.{i}``; returns the tower's config values."""
+    """Check open_clip ``Transformer.resblocks`` are stock CLIP blocks; returns the tower's config values."""
     from open_clip.transformer import ResidualAttentionBlock
 
     blocks = getattr(transformer, "resblocks", None)
@@ -131,29 +127,12 @@ def _convert_transformer(
         mlp_keys = list(blk.mlp._modules) if isinstance(blk.mlp, nn.Sequential) else None
         if mlp_keys != ["c_fc", "gelu", "c_proj"]:
             raise _unsupported(f"non-standard MLP {mlp_keys or type(blk.mlp).__name__} in {where}", model)
-
-        d = attn.embed_dim
-        w = attn.in_proj_weight
-        b = attn.in_proj_bias if attn.in_proj_bias is not None else torch.zeros(3 * d, dtype=w.dtype)
-        p = f"{prefix}.layers.{i}"
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            sd[f"{p}.self_attn.{name}.weight"] = w[j * d : (j + 1) * d]
-            sd[f"{p}.self_attn.{name}.bias"] = b[j * d : (j + 1) * d]
-        out = attn.out_proj
-        sd[f"{p}.self_attn.out_proj.weight"] = out.weight
-        sd[f"{p}.self_attn.out_proj.bias"] = out.bias if out.bias is not None else torch.zeros(d, dtype=out.weight.dtype)
-        for ln_name, hf_name in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")):
-            weight, bias, eps = _layer_norm_params(getattr(blk, ln_name), f"{where}.{ln_name}", model)
-            sd[f"{p}.{hf_name}.weight"], sd[f"{p}.{hf_name}.bias"] = weight, bias
-            ln_eps.append(eps)
-        for oc_name, hf_name in (("c_fc", "fc1"), ("c_proj", "fc2")):
+        for ln_name in ("ln_1", "ln_2"):
+            ln_eps.append(_layer_norm_eps(getattr(blk, ln_name), f"{where}.{ln_name}", model))
+        for oc_name in ("c_fc", "c_proj"):
             lin = blk.mlp._modules[oc_name]
             if not isinstance(lin, nn.Linear):
                 raise _unsupported(f"{where}.mlp.{oc_name} is a {type(lin).__name__}", model)
-            sd[f"{p}.mlp.{hf_name}.weight"] = lin.weight
-            sd[f"{p}.mlp.{hf_name}.bias"] = (
-                lin.bias if lin.bias is not None else torch.zeros(lin.out_features, dtype=lin.weight.dtype)
-            )
         heads.append(attn.num_heads)
         acts.append(_activation_name(blk.mlp._modules["gelu"], where, model))
         inter.append(blk.mlp._modules["c_fc"].out_features)
@@ -185,7 +164,7 @@ def _check_model_class(model: nn.Module) -> None:
     raise _unsupported("a model class other than open_clip.CLIP", model)
 
 
-def _convert_vision(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any], int]:
+def _check_vision(model: nn.Module) -> tuple[dict[str, Any], int]:
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.timm_model import TimmModel
     from open_clip.transformer import PatchDropout, VisionTransformer
@@ -223,18 +202,11 @@ def _convert_vision(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict
             model,
         )
 
-    sd["vision_model.embeddings.patch_embedding.weight"] = visual.conv1.weight
-    sd["vision_model.embeddings.class_embedding"] = visual.class_embedding
-    sd["vision_model.embeddings.position_embedding.weight"] = visual.positional_embedding
-    ln_eps: list[float] = []
-    for oc_ln, hf_ln in ((visual.ln_pre, "pre_layrnorm"), (visual.ln_post, "post_layernorm")):
-        weight, bias, eps = _layer_norm_params(oc_ln, f"visual.{hf_ln}", model)
-        sd[f"vision_model.{hf_ln}.weight"], sd[f"vision_model.{hf_ln}.bias"] = weight, bias
-        ln_eps.append(eps)
-    cfg = _convert_transformer(visual.transformer, "vision_model.encoder", sd, ln_eps, "vision", model)
+    ln_eps = [_layer_norm_eps(ln, f"visual.{name}", model) for name, ln in (("ln_pre", visual.ln_pre),
+                                                                            ("ln_post", visual.ln_post))]
+    cfg = _check_transformer(visual.transformer, ln_eps, "vision", model)
     if cfg["hidden_size"] != visual.conv1.out_channels or visual.proj.shape[0] != cfg["hidden_size"]:
         raise _unsupported("a vision tower whose width changes between embedding, blocks and projection", model)
-    sd["visual_projection.weight"] = visual.proj.t()
     cfg.update(
         image_size=int(image_h),
         patch_size=int(patch_h),
@@ -244,7 +216,7 @@ def _convert_vision(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict
     return cfg, int(visual.proj.shape[1])
 
 
-def _convert_text(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any], int]:
+def _check_text(model: nn.Module) -> tuple[dict[str, Any], int]:
     ctx = int(model.context_length)
     pos = model.positional_embedding
     if pos.shape[0] != ctx:
@@ -285,15 +257,10 @@ def _convert_text(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict[s
     else:
         raise _unsupported(f"a text projection of type {type(proj).__name__}", model)
 
-    sd["text_model.embeddings.token_embedding.weight"] = model.token_embedding.weight
-    sd["text_model.embeddings.position_embedding.weight"] = pos
-    weight, bias, eps = _layer_norm_params(model.ln_final, "ln_final", model)
-    sd["text_model.final_layer_norm.weight"], sd["text_model.final_layer_norm.bias"] = weight, bias
-    ln_eps = [eps]
-    cfg = _convert_transformer(model.transformer, "text_model.encoder", sd, ln_eps, "text", model)
+    ln_eps = [_layer_norm_eps(model.ln_final, "ln_final", model)]
+    cfg = _check_transformer(model.transformer, ln_eps, "text", model)
     if cfg["hidden_size"] != pos.shape[1] or proj_weight.shape[1] != cfg["hidden_size"]:
         raise _unsupported("a text tower whose width changes between embedding, blocks and projection", model)
-    sd["text_projection.weight"] = proj_weight
     cfg.update(
         vocab_size=OPENCLIP_VOCAB_SIZE,
         max_position_embeddings=ctx,
@@ -305,28 +272,29 @@ def _convert_text(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[dict[s
     return cfg, int(proj_weight.shape[0])
 
 
-def _mean_std(values: Any, name: str) -> list[float]:
-    if isinstance(values, (int, float)):
-        values = (values,) * 3
-    values = [float(v) for v in values]
-    if len(values) != 3:
-        raise ValueError(f"{name} must have 3 values (RGB), got {values}")
-    return values
+def _absent(module: nn.Module, name: str) -> torch.Tensor:
+    """The exact value of a tensor open_clip leaves out: LayerNorm affine (ones / zeros), a bias (zeros)."""
+    if isinstance(module, nn.LayerNorm):
+        ref = module.weight if module.weight is not None else module.bias
+        fill = torch.ones if name == "weight" else torch.zeros
+        return fill(module.normalized_shape, dtype=ref.dtype if ref is not None else torch.float32)
+    if name.endswith("bias"):  # nn.Linear .bias, nn.MultiheadAttention .in_proj_bias
+        weight = getattr(module, name[: -len("bias")] + "weight")
+        return torch.zeros(weight.shape[0], dtype=weight.dtype)
+    raise RuntimeError(f"{type(module).__name__}.{name} is None")  # the checks above refuse such models
 
 
-def _openclip_preprocess_cfg(model: nn.Module) -> dict[str, Any]:
-    """open_clip's inference preprocessing for ``model`` as plain JSON data, with open_clip's defaults filled in."""
-    import open_clip
-
-    raw = dict(open_clip.get_model_preprocess_cfg(model) or {})
-    size = raw.get("size", getattr(model.visual, "image_size", 224))
-    return {
-        "size": list(size) if isinstance(size, (tuple, list)) else [int(size), int(size)],
-        "mean": _mean_std(raw.get("mean") or open_clip.OPENAI_DATASET_MEAN, "mean"),
-        "std": _mean_std(raw.get("std") or open_clip.OPENAI_DATASET_STD, "std"),
-        "interpolation": raw.get("interpolation") or "bicubic",
-        "resize_mode": raw.get("resize_mode") or "shortest",
-    }
+def _open_clip_tensors(model: nn.Module, n_vision_layers: int, n_text_layers: int) -> dict[str, torch.Tensor]:
+    """The open_clip tensors the key table names, read off the modules (:func:`_absent` fills the gaps)."""
+    out: dict[str, torch.Tensor] = {}
+    for entry in key_table(n_vision_layers, n_text_layers):
+        path, _, name = entry.open_clip.rpartition(".")
+        module = model.get_submodule(path)
+        value = getattr(module, name)
+        if isinstance(value, nn.Linear):  # text_projection as a bias-free nn.Linear: weight (embed, width)
+            value = value.weight.t()  # open_clip's parameter layout, (width, embed) used as x @ proj
+        out[entry.open_clip] = value if value is not None else _absent(module, name)
+    return out
 
 
 def open_clip_to_transformers(
@@ -365,19 +333,19 @@ def open_clip_to_transformers(
     if model.logit_scale.numel() != 1:
         raise _unsupported(f"a logit_scale of shape {tuple(model.logit_scale.shape)}", model)
 
-    sd: dict[str, torch.Tensor] = {}
-    vision_cfg, vision_proj_dim = _convert_vision(model, sd)
-    text_cfg, text_proj_dim = _convert_text(model, sd)
+    vision_cfg, vision_proj_dim = _check_vision(model)
+    text_cfg, text_proj_dim = _check_text(model)
     if vision_proj_dim != text_proj_dim:
         raise _unsupported(f"different image ({vision_proj_dim}) and text ({text_proj_dim}) embedding dims", model)
+    layers = (vision_cfg["num_hidden_layers"], text_cfg["num_hidden_layers"])
+    sd = open_clip_to_hf_state_dict(_open_clip_tensors(model, *layers), *layers)
     logit_scale = model.logit_scale.detach().reshape(())
-    sd["logit_scale"] = logit_scale
 
     preprocess = _openclip_preprocess_cfg(model)
     if image_mean is not None:
-        preprocess["mean"] = _mean_std(image_mean, "image_mean")
+        preprocess["mean"] = _rgb(image_mean, "image_mean")
     if image_std is not None:
-        preprocess["std"] = _mean_std(image_std, "image_std")
+        preprocess["std"] = _rgb(image_std, "image_std")
 
     config = CLIPConfig(
         text_config={**text_cfg, "projection_dim": text_proj_dim},
@@ -456,86 +424,8 @@ def open_clip_tokenizer_to_transformers(context_length: int = 77) -> CLIPTokeniz
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# image processor / processor
+# processor
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _preprocess_cfg_of(obj: Any) -> dict[str, Any]:
-    if isinstance(obj, CLIPModel):
-        cfg = getattr(obj.config, PREPROCESS_CONFIG_KEY, None)
-        if cfg is None:
-            size = obj.config.vision_config.image_size
-            cfg = {"size": [size, size]}
-        return dict(cfg)
-    if isinstance(obj, nn.Module):
-        _check_model_class(obj)
-        return _openclip_preprocess_cfg(obj)
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    if hasattr(obj, "__dataclass_fields__"):  # open_clip.transform.PreprocessCfg
-        from dataclasses import asdict
-
-        return asdict(obj)
-    raise TypeError(f"expected an open_clip model, a converted CLIPModel or a preprocess cfg, got {type(obj).__name__}")
-
-
-def image_processor_from_open_clip(model_or_preprocess_cfg: Any) -> CLIPImageProcessor:
-    """A ``CLIPImageProcessor`` reproducing open_clip's inference transform.
-
-    Accepts an open_clip model (its ``visual.preprocess_cfg`` via ``open_clip.get_model_preprocess_cfg``), an
-    open_clip ``PreprocessCfg`` or dict, or a model converted by :func:`open_clip_to_transformers`. Missing values
-    default as in open_clip (OpenAI mean/std, bicubic, shortest-edge resize).
-
-    The result resizes the shortest edge to the image size (bicubic unless the cfg says bilinear), centre-crops to
-    the image size, rescales by 1/255, normalises with open_clip's mean/std and converts to RGB (``resize_mode``
-    'squash' becomes a plain resize to a square; 'longest' has no equivalent and raises ``ValueError``).
-
-    It is the class ``AutoImageProcessor`` resolves for "clip" in transformers v5: ``CLIPImageProcessor``, the
-    torchvision backend (the PIL one is ``CLIPImageProcessorPil``). It resizes the uint8 tensor with torch's
-    antialiased bicubic where open_clip resizes the PIL image with PIL's bicubic: the results agree except for
-    occasional one-level uint8 rounding differences, i.e. at most ``1 / (255 * std)`` (~0.015) after normalisation.
-    One systematic difference remains, shared by every transformers CLIP processor: the centre-crop offset is
-    ``int((h - crop) / 2)`` in transformers and ``round((h - crop) / 2)`` (half to even) in torchvision, so when the
-    resized edge exceeds the crop by 3 (mod 4) pixels the transformers crop sits one pixel further left / up.
-    (RGB conversion happens before resizing here and after it in open_clip; identical for RGB inputs.)
-    """
-    from transformers.image_utils import PILImageResampling
-
-    cfg = _preprocess_cfg_of(model_or_preprocess_cfg)
-    size = cfg.get("size", 224)
-    height, width = (size, size) if isinstance(size, (int, float)) else tuple(size)
-    if height != width:
-        raise ValueError(f"non-square image size {size} is not supported by CLIPModel / CLIPImageProcessor")
-    size = int(height)
-    interpolation = cfg.get("interpolation") or "bicubic"
-    resample = {
-        "bicubic": PILImageResampling.BICUBIC,
-        "random": PILImageResampling.BICUBIC,  # open_clip uses bicubic at inference for 'random'
-        "bilinear": PILImageResampling.BILINEAR,
-    }.get(interpolation)
-    if resample is None:
-        raise ValueError(f"unsupported open_clip interpolation {interpolation!r}")
-    resize_mode = cfg.get("resize_mode") or "shortest"
-    if resize_mode == "shortest":
-        resize_kwargs: dict[str, Any] = {"size": {"shortest_edge": size}, "do_center_crop": True}
-    elif resize_mode == "squash":
-        resize_kwargs = {"size": {"height": size, "width": size}, "do_center_crop": False}
-    else:  # 'longest': resize the longest edge then pad -- no CLIPImageProcessor equivalent
-        raise ValueError(f"open_clip resize_mode {resize_mode!r} is not supported by CLIPImageProcessor")
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    return CLIPImageProcessor(
-        do_resize=True,
-        resample=resample,
-        crop_size={"height": size, "width": size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=_mean_std(cfg.get("mean") or OPENAI_DATASET_MEAN, "mean"),
-        image_std=_mean_std(cfg.get("std") or OPENAI_DATASET_STD, "std"),
-        do_convert_rgb=True,
-        **resize_kwargs,
-    )
 
 
 def open_clip_processor(model: nn.Module) -> CLIPProcessor:
