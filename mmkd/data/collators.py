@@ -102,14 +102,7 @@ class CLIPDistillationCollator(ImageTextCollator):
 class MatchCollator(ImageTextCollator):
     """A matcher's batches of ``(image, text, label)`` examples: ``inputs`` of the model being trained
     (``ResNetMiniLMMatcher.preprocessing(tokenizer)``, or the CLIP matcher's ``processor_preprocessing(processor)``)
-    and, for distillation, the teacher's."""
+    and, for distillation, the teacher's. Column names as :class:`ImageTextCollator`'s; ``label_column="label"``."""
 
-    def __init__(
-        self,
-        inputs: Preprocessing,
-        teacher_inputs: Preprocessing | None = None,
-        image_column: str = "image",
-        text_column: str = "text",
-        label_column: str = "label",
-    ):
-        super().__init__(inputs, teacher_inputs, image_column, text_column, label_column)
+    def __init__(self, inputs: Preprocessing, teacher_inputs: Preprocessing | None = None, **columns: str):
+        super().__init__(inputs, teacher_inputs, **{"label_column": "label", **columns})

@@ -37,6 +37,13 @@ __all__ = [
     "triplet_loss",
 ]
 
+HINTON_2015 = """@article{hinton2015distilling,
+  title   = {Distilling the Knowledge in a Neural Network},
+  author  = {Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},
+  journal = {arXiv preprint arXiv:1503.02531},
+  year    = {2015}
+}"""
+
 NegativeMining = Literal["hardest", "random"]
 EmbeddingDistillationKind = Literal["mse_cosine", "mse", "cosine"]
 
@@ -322,12 +329,7 @@ class EmbeddingDistillationLoss(nn.Module):
     computed on the local batch, no gathering. No temperature.
     """
 
-    citation = """@article{hinton2015distilling,
-  title   = {Distilling the Knowledge in a Neural Network},
-  author  = {Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},
-  journal = {arXiv preprint arXiv:1503.02531},
-  year    = {2015}
-}
+    citation = HINTON_2015 + """
 @misc{mmkd_analyzing_student_models,
   title = {Analyzing Student Models in Multi-Modal Knowledge Distillation},
   note  = {Research project whose embedding-distillation objective mmkd implements}

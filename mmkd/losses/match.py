@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from mmkd.checks import check_non_negative, check_positive
 from mmkd.losses import LossInputs
 from mmkd.losses.checks import require, same_pairs, upcast
-from mmkd.losses.clip import embedding_mse
+from mmkd.losses.clip import HINTON_2015, embedding_mse
 
 __all__ = [
     "DISTILL_FORMS",
@@ -157,12 +157,7 @@ _DISTILL_FNS = {
     "softmax_one_logit": softmax_one_logit_distillation,
 }
 
-_CITATION = """@article{hinton2015distilling,
-  title   = {Distilling the Knowledge in a Neural Network},
-  author  = {Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},
-  journal = {arXiv preprint arXiv:1503.02531},
-  year    = {2015}
-}
+_CITATION = HINTON_2015 + """
 @misc{fysikoudi_kd_experiments,
   title  = {Knowledge distillation Experiments},
   author = {Fysikoudi, Eleni},

@@ -38,6 +38,14 @@ def template_path(name: str) -> Path:
     raise FileNotFoundError(f"model card template {name!r} not found; looked in: {', '.join(map(str, candidates))}")
 
 
+def _record(folder: Path, name: str, recipe: str) -> dict[str, Any]:
+    """One JSON record of a trained student's folder, or a FileNotFoundError saying which recipe writes it."""
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: is {folder} a folder written by {recipe}?")
+    return json.loads(path.read_text())
+
+
 def card_losses(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """The card's objective table and BibTeX from the loss rows a run recorded (``DistillationConfig.loss_card_rows``:
     derived from the trainer's loss table when it trained)."""
@@ -140,14 +148,8 @@ def clip_student_card_data(
     """Collect a trained student's card data from its folder (``config.json``, ``training_summary.json`` and
     ``training_config.json``, all written by ``recipes/clip_student.py``) plus evaluation results."""
     out = Path(output_dir)
-
-    def read(name: str) -> dict[str, Any]:
-        path = out / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: is {out} a folder written by recipes/clip_student.py?")
-        return json.loads(path.read_text())
-
-    config, summary, training = read("config.json"), read("training_summary.json"), read("training_config.json")
+    config, summary, training = (_record(out, name, "recipes/clip_student.py")
+                                 for name in ("config.json", "training_summary.json", "training_config.json"))
     init = config.get("distillation_init")
     if not init:
         raise ValueError(f"{out / 'config.json'} has no 'distillation_init': not an mmkd student")
@@ -348,14 +350,8 @@ def match_student_card_data(
     with (the recipe's ``results.json`` rows, teacher and baseline); this model's own row always comes from its
     ``eval_results.json``."""
     out = Path(output_dir)
-
-    def read(name: str) -> dict[str, Any]:
-        path = out / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: is {out} a folder written by recipes/match_student.py?")
-        return json.loads(path.read_text())
-
-    config, own, training = read("config.json"), read("eval_results.json"), read("training_config.json")
+    config, own, training = (_record(out, name, "recipes/match_student.py")
+                             for name in ("config.json", "eval_results.json", "training_config.json"))
     if config.get("model_type") != "mmkd_resnet_minilm":
         raise ValueError(f"{out / 'config.json'} has model_type {config.get('model_type')!r}, not a match student "
                          "('mmkd_resnet_minilm')")

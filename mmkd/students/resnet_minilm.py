@@ -28,14 +28,13 @@ from transformers import (
     BertConfig,
     BertModel,
     PreTrainedConfig,
-    PreTrainedModel,
 )
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 
 from mmkd.checks import check_choice, check_positive_int
 from mmkd.losses.match import hard_label_loss
-from mmkd.teachers.matcher import EMBEDDING_OUTPUTS, MatcherOutput
+from mmkd.teachers.matcher import EMBEDDING_OUTPUTS, MatcherModel, MatcherOutput
 
 logger = logging.getLogger(__name__)
 
@@ -153,18 +152,10 @@ class _ToRGB:
         return "ToRGB()"
 
 
-class ResNetMiniLMMatcher(PreTrainedModel):
+class ResNetMiniLMMatcher(MatcherModel):
     """ResNet image features ⊕ pooled MiniLM text features -> fusion -> one logit (research 000, section 3.2)."""
 
     config_class = ResNetMiniLMConfig
-    input_modalities = ("image", "text")
-    # BertModel's attention backends, so the top-level choice does not force the text encoder back to eager.
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    # The loss is a mean over the pairs and ignores num_items_in_batch: Trainer must scale it for accumulation.
-    accepts_loss_kwargs = False
 
     def __init__(self, config: ResNetMiniLMConfig):
         super().__init__(config)
@@ -201,9 +192,7 @@ class ResNetMiniLMMatcher(PreTrainedModel):
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)
         elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+            self._init_linear(module)
 
     # -- building -------------------------------------------------------------------------------------------
     @classmethod

@@ -29,7 +29,7 @@ from mmkd.checks import check_choice, check_positive_int
 from mmkd.losses.match import hard_label_loss
 from mmkd.teachers.base import FrozenTeacher, TeacherOutput
 
-__all__ = ["CLIP_HEADS", "CLIPMatcher", "CLIPMatcherConfig", "MatcherOutput", "MatcherTeacher"]
+__all__ = ["CLIP_HEADS", "CLIPMatcher", "CLIPMatcherConfig", "MatcherModel", "MatcherOutput", "MatcherTeacher"]
 
 # Outputs that Trainer's prediction_step leaves out, so compute_metrics sees the logits alone.
 EMBEDDING_OUTPUTS = ["image_embeds", "text_embeds", "projected_image_embeds", "projected_text_embeds"]
@@ -109,7 +109,27 @@ class PairMLPHead(nn.Module):
         return self.net(pair).squeeze(-1)  # (B,)
 
 
-class CLIPMatcher(PreTrainedModel):
+class MatcherModel(PreTrainedModel):
+    """What both binary matchers (this teacher, the ResNet + MiniLM student) share as ``PreTrainedModel`` s."""
+
+    input_modalities = ("image", "text")
+    # Their towers' (CLIP's, BERT's) attention backends, so the top-level choice does not force them to eager.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # The loss is a mean over the pairs and ignores num_items_in_batch: Trainer must scale it for accumulation.
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_linear(self, module: nn.Linear) -> None:
+        """HF-style initialisation of the matcher's own linear layers (heads, fusion, projections)."""
+        init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+
+
+class CLIPMatcher(MatcherModel):
     """A whole CLIP plus a head giving one logit per (image, text) pair.
 
     ``self.clip`` is a stock ``CLIPModel``; its ``logit_scale`` is frozen because no head uses it (an unused trainable
@@ -117,14 +137,6 @@ class CLIPMatcher(PreTrainedModel):
     """
 
     config_class = CLIPMatcherConfig
-    input_modalities = ("image", "text")
-    # Like CLIPModel's, so the top-level attention choice does not force CLIP's towers back to eager attention.
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    # The loss is a mean over the pairs and ignores num_items_in_batch: Trainer must scale it for accumulation.
-    accepts_loss_kwargs = False
 
     def __init__(self, config: CLIPMatcherConfig):
         super().__init__(config)
@@ -154,9 +166,7 @@ class CLIPMatcher(PreTrainedModel):
             init.constant_(module.scale, self.config.init_scale)
             init.constant_(module.bias, self.config.init_bias)
         elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+            self._init_linear(module)
 
     @classmethod
     def from_clip(
