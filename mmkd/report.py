@@ -3,6 +3,6 @@
 if __name__ == "__main__":
     import sys
 
-    from mmkd.cli import main
+    from mmkd.cli import run_command
 
-    sys.exit(main(["report", *sys.argv[1:]]))
+    sys.exit(run_command("report", sys.argv[1:], prog="python -m mmkd.report"))
