@@ -6,43 +6,113 @@ The recipes in ``recipes/`` stay flat scripts; this module keeps the parts they 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
 
+from mmkd.checks import ConfigError
+
+
+class _OneLineParser(HfArgumentParser):
+    """``HfArgumentParser`` whose errors (an invalid int, an unknown flag) are :class:`ConfigError` s, not a usage
+    block followed by an error line."""
+
+    def error(self, message: str):
+        # "argument --x/--x-alias: invalid int value: 'eight'" -> "x='eight': invalid int value"
+        m = re.fullmatch(r"argument --([\w-]+)(?:/--[\w-]+)*: (.*?)(?:: ('.*'))?", message)
+        if m:
+            option, why, value = m.groups()
+            raise ConfigError(f"{option}={value}: {why}" if value else f"{option}: {why}")
+        raise ConfigError(message)
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """Around a recipe's parsing and up-front checks: a bad option (``ConfigError``, or the ``ValueError`` of a
+    config's ``__post_init__``) ends the program with one line on stderr and exit status 2, before any model or
+    dataset is loaded."""
+    try:
+        yield
+    except ValueError as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _yaml_argv(cfg: dict, parser: HfArgumentParser, path: Path) -> list[str]:
+    """A YAML config as command-line arguments, so its values go through the parser's own type conversion (a list
+    where one number belongs, ``8.5`` for an int, ``"yes"`` for a bool are refused like on the command line)."""
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(set(cfg) - set(actions))
+    if unknown:
+        raise ConfigError(f"config={path}: unknown option(s) {', '.join(unknown)}")
+    argv: list[str] = []
+    for key, value in cfg.items():
+        action = actions[key]
+        takes_list = action.nargs in ("+", "*")
+        if isinstance(value, list) and not takes_list:
+            raise ConfigError(f"{key}={value!r}: expected one value, not a list ({path})")
+        if value is None:
+            parser.set_defaults(**{key: None})
+            action.required = False
+            continue
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(_cli_value(v) for v in values)]
+    return argv
+
+
+def _cli_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return json.dumps(value)  # e.g. fsdp_config: TrainingArguments reads JSON strings
+    return str(value)
+
 
 def parse_args(argv: list[str] | None, *dataclass_types) -> tuple:
     """Parse ``--config file.yaml`` (optional) and command-line options into ``dataclass_types``; the command line
-    wins. Unknown YAML keys and a missing file end the program with a message naming them."""
+    wins. Every problem -- a missing or malformed file, an unknown key, a value of the wrong type, a value a config
+    refuses -- raises :class:`ConfigError` naming the option."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = _OneLineParser(dataclass_types)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            raise SystemExit("--config needs a path to a YAML file")
+            raise ConfigError("config: --config needs a path to a YAML file")
         path = Path(argv[i + 1])
         del argv[i : i + 2]
         if not path.is_file():
-            raise SystemExit(f"--config {path}: no such file")
-        cfg = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"config={path}: no such file")
+        try:
+            cfg = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config={path}: not valid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(cfg, dict):
-            raise SystemExit(f"--config {path}: expected a mapping of option names to values")
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise SystemExit(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-        parser.set_defaults(**cfg)
-        # Options a YAML file provides are no longer required on the command line.
-        for action in parser._actions:
-            if action.dest in cfg:
-                action.required = False
-    return tuple(parser.parse_args_into_dataclasses(args=argv))
+            raise ConfigError(f"config={path}: expected a mapping of option names to values")
+        argv = _yaml_argv(cfg, parser, path) + argv  # later flags win in argparse: the command line overrides
+    try:
+        return tuple(parser.parse_args_into_dataclasses(args=argv))
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(" ".join(str(err).split())) from None
+
+
+def refuse_token_option(args) -> None:
+    """A Hub token given as an option (``--hub_token``) is refused: options reach process lists, a launcher's error
+    message (``accelerate launch`` prints its child's command line when it fails) and the pickled arguments of every
+    checkpoint. The push reads ``HF_TOKEN`` or the ``hf auth login`` token itself."""
+    if getattr(args, "hub_token", None):
+        raise ConfigError("hub_token: pass the token through the HF_TOKEN environment variable or `hf auth login`, "
+                          "not as an option (options reach process lists, launcher errors and saved arguments)")
 
 
 def write_training_config(args, *others) -> Path:

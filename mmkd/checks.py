@@ -7,10 +7,19 @@ configs' field checks): ``check(value) -> None | str``, the string saying what i
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 Check = Callable[[Any], "str | None"]
+
+#: ``owner/name`` as the Hub spells repository ids (models and datasets); anything else with a slash is a path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class ConfigError(ValueError):
+    """A bad option: the recipes report it as one line, ``error: <option>=<value>: <why>``, with exit status 2
+    (:func:`mmkd.args.config_errors`), before any model or dataset is loaded."""
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
@@ -48,6 +57,14 @@ def at_least(minimum: float) -> Check:
     def check(value):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return None if ok and value >= minimum else f"must be >= {minimum:g}"
+
+    return check
+
+
+def integer_at_least(minimum: int) -> Check:
+    def check(value):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok and value >= minimum else f"must be an integer >= {minimum}"
 
     return check
 

@@ -44,15 +44,17 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from mmkd import args as recipe_args
-from mmkd.args import command_line, write_training_config
+from mmkd.args import command_line, config_errors, refuse_token_option, write_training_config
+from mmkd.checks import ConfigError
 from mmkd.data import CLIPDistillationCollator
 from mmkd.data.cache import cache_teacher_embeddings
-from mmkd.data.sources import DataArguments, describe_dataset, load_train_dataset
+from mmkd.data.sources import DataArguments, check_data_args, describe_dataset, load_train_dataset
 from mmkd.distributed import shutdown
 from mmkd.reporting.hardware import hardware_description
 from mmkd.students import build_student, count_parameters
-from mmkd.teachers import load_teacher
+from mmkd.teachers import check_teacher_spec, load_teacher, teacher_depths
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
+from mmkd.trainers.checkpoints import LATEST, resolve_resume
 
 
 # 1. Arguments, teacher and student --------------------------------------------------------------------------------
@@ -83,32 +85,58 @@ def build_models(args: CLIPDistillationConfig):
     return teacher, student, processor, init, counts
 
 
+def validate(
+    argv: list[str] | None = None,
+    config_class: type[CLIPDistillationConfig] = CLIPDistillationConfig,
+    data_class: type[DataArguments] = DataArguments,
+    check_teacher: bool = True,
+) -> tuple[DataArguments, CLIPDistillationConfig]:
+    """Parse ``argv`` and check every option that can be checked without loading a model or a dataset; raises
+    :class:`~mmkd.checks.ConfigError` naming the option. ``check_teacher=False`` skips the teacher spec (the offline
+    job checks a stage whose teacher an earlier stage writes)."""
+    data_args, args = parse_args(argv, config_class, data_class)
+    refuse_token_option(args)
+    if check_teacher:
+        check_teacher_spec(args.teacher_name_or_path, args.teacher_pretrained, args.teacher_backend)
+        depths = teacher_depths(args.teacher_name_or_path)
+        for tower, depth, teacher_depth in zip(("vision", "text"), (args.student_vision_layers,
+                                                                    args.student_text_layers), depths or (), strict=False):
+            if depth is not None and depth >= teacher_depth:
+                raise ConfigError(f"student_{tower}_layers={depth}: the teacher has {teacher_depth} {tower} layers; "
+                                  "a student has fewer")
+    elif args.teacher_name_or_path is None:
+        raise ConfigError("teacher_name_or_path=None: required (the student's architecture is derived from it)")
+    check_data_args(data_args)
+    if args.resume_from_checkpoint and str(args.resume_from_checkpoint).lower() not in LATEST:
+        resolve_resume(args.resume_from_checkpoint, args.output_dir)  # a path: complete, or refused now
+    return data_args, args
+
+
 def main(
     argv: list[str] | None = None,
     config_class: type[CLIPDistillationConfig] = CLIPDistillationConfig,
     data_class: type[DataArguments] = DataArguments,
 ) -> dict:
     """Run the recipe; ``config_class`` / ``data_class`` are subclasses with more loss terms, layer strategies or
-    data sources in their tables (see :mod:`mmkd.trainers.base` and :mod:`mmkd.data.sources`)."""
-    data_args, args = parse_args(argv, config_class, data_class)
+    data sources in their tables (see :mod:`mmkd.trainers.base` and :mod:`mmkd.data.sources`). A bad option ends
+    the run with one line and exit status 2 before anything is loaded."""
+    with config_errors():
+        data_args, args = validate(argv, config_class, data_class)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     # The recipe pushes once, after saving (section 6); Trainer never sees push_to_hub (see the module docstring).
     push_to_hub, args.push_to_hub = args.push_to_hub, False
-    if args.teacher_name_or_path is None:
-        raise SystemExit("--teacher_name_or_path is required: the student's architecture is derived from it")
-    set_seed(args.seed)
     start = time.time()
 
-    # 2. Teacher and student ----------------------------------------------------------------------------------------
+    # 2. Data (its columns checked before any model is loaded) ------------------------------------------------------
+    with config_errors(), args.main_process_first(desc="loading the training set"):
+        train_dataset = load_train_dataset(data_args)
+
+    # 3. Teacher and student ----------------------------------------------------------------------------------------
+    set_seed(args.seed)
     teacher, student, processor, init, counts = build_models(args)
     teacher_params, student_params = counts["teacher"], counts["student"]
-
-    # 3. Data -------------------------------------------------------------------------------------------------------
-    with args.main_process_first(desc="loading the training set"):
-        train_dataset = load_train_dataset(data_args)
     use_cache = data_args.teacher_cache_dir is not None and args.needs_teacher
     if use_cache:
-        if data_args.streaming:
-            raise SystemExit("--teacher_cache_dir needs a map-style dataset; it cannot be used with --streaming")
         train_dataset = cache_teacher_embeddings(
             train_dataset,
             teacher.to(args.device),
@@ -134,7 +162,7 @@ def main(
         data_collator=collator,
         processing_class=processor,
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the logged losses, for plots and the model card
 

@@ -34,19 +34,22 @@ import datasets
 from accelerate import PartialState
 from transformers import set_seed
 
-from mmkd.args import command_line, parse_args, write_training_config
+from mmkd.args import command_line, config_errors, parse_args, refuse_token_option, write_training_config
+from mmkd.checks import ConfigError, at_least, between, greater_than, integer_at_least, one_of, run_checks
 from mmkd.data.cache import cache_teacher_embeddings
 from mmkd.data.collators import MatchCollator
 from mmkd.data.preprocessing import processor_preprocessing
-from mmkd.data.sources import PairDataArguments, load_pairs
+from mmkd.data.sources import PairDataArguments, check_data_args, load_pairs
 from mmkd.distributed import shutdown
 from mmkd.eval.match_metrics import compute_metrics
 from mmkd.reporting.cards import match_student_card_data, render_match_student_card
 from mmkd.reporting.hardware import hardware_description
 from mmkd.reporting.tables import markdown_table, pct
 from mmkd.students import ResNetMiniLMMatcher, load_text_tokenizer
-from mmkd.teachers import load_teacher, load_transformers_clip
-from mmkd.teachers.matcher import CLIPMatcher
+from mmkd.students.resnet_minilm import FUSIONS, RESNET_FEATURE_DIMS
+from mmkd.teachers import check_teacher_spec, load_teacher, load_transformers_clip
+from mmkd.teachers.matcher import CLIP_HEADS, CLIPMatcher
+from mmkd.trainers.checkpoints import LATEST, resolve_resume
 from mmkd.trainers.match_distillation import MatchDistillationConfig, MatchDistillationTrainer
 
 STAGES = ("teacher", "baseline", "distill", "all", "sweep")
@@ -109,7 +112,7 @@ def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, ar
         model=model, teacher=teacher, args=cfg, train_dataset=pairs["train"], eval_dataset=pairs["validation"],
         data_collator=collator, compute_metrics=compute_metrics,
     )
-    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir))
     train_time = time.time() - start
     trainer.save_model()
     trainer.save_state()
@@ -265,7 +268,7 @@ def pushed_folder(stages: tuple[str, ...]) -> str:
         return "distilled"
     if "baseline" in stages:
         return "baseline"
-    raise SystemExit(f"--push_to_hub pushes a student: run --stage distill, baseline or all, not {stages[0]!r}")
+    raise ConfigError(f"push_to_hub=true: pushes a student; run --stage distill, baseline or all, not {stages[0]!r}")
 
 
 def hub_repo_id(base: MatchDistillationConfig, folder: str) -> str:
@@ -274,18 +277,74 @@ def hub_repo_id(base: MatchDistillationConfig, folder: str) -> str:
 
 
 # 5. Main -----------------------------------------------------------------------------------------------------------
+MATCH_CHECKS = {
+    "stage": one_of(*STAGES), "teacher_head": one_of(*CLIP_HEADS), "resnet": one_of(*RESNET_FEATURE_DIMS),
+    "fusion": one_of(*FUSIONS), "image_size": integer_at_least(1), "teacher_epochs": greater_than(0),
+    "baseline_epochs": greater_than(0), "distill_epochs": greater_than(0), "teacher_learning_rate": at_least(0),
+    "baseline_learning_rate": at_least(0), "distill_learning_rate": at_least(0),
+}
+
+
+def stages_of(margs: MatchArguments) -> tuple[str, ...]:
+    return ("teacher", "baseline", "distill") if margs.stage == "all" else (margs.stage,)
+
+
+def _floats(option: str, text: str, check) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option}={text}: a comma-separated list of numbers") from None
+    for v in values:
+        if check(v):
+            raise ConfigError(f"{option}={text}: {v:g} {check(v)}")
+    return values
+
+
+def validate(argv: list[str] | None = None):
+    """Parse ``argv`` and check every option that can be checked before a model or the pairs are loaded; raises
+    :class:`~mmkd.checks.ConfigError` naming the option."""
+    margs, data_args, base = parse_args(argv, MatchArguments, PairDataArguments, MatchDistillationConfig)
+    refuse_token_option(base)
+    run_checks(margs, MATCH_CHECKS)
+    stages = stages_of(margs)
+    if base.push_to_hub:
+        pushed_folder(stages)
+    if "teacher" in stages:
+        check_teacher_spec(base.teacher_name_or_path, base.teacher_pretrained)
+    elif {"distill", "sweep"} & set(stages) and not (Path(base.output_dir) / "teacher" / "config.json").is_file():
+        raise ConfigError(f"output_dir={base.output_dir}: no fine-tuned teacher in {Path(base.output_dir) / 'teacher'}: "
+                          "run --stage teacher first")
+    check_data_args(data_args)
+    if data_args.dataset_name == "coco" and data_args.data_dir is None:
+        raise ConfigError("data_dir=None: --dataset_name coco needs the COCO root (annotations/ and image folders)")
+    for option in ("text_encoder", "resnet_weights"):
+        value = getattr(margs, option)
+        if value and (value.startswith((".", "/", "~")) or value.endswith((".pth", ".pt", ".safetensors"))):
+            if not Path(value).expanduser().exists():
+                raise ConfigError(f"{option}={value}: no such file or directory")
+    if margs.stage == "sweep":
+        _floats("sweep_alphas", margs.sweep_alphas, between(0, 1))
+        _floats("sweep_temperatures", margs.sweep_temperatures, greater_than(0))
+    resume = base.resume_from_checkpoint
+    if resume and str(resume).lower() not in LATEST:
+        if len(stages) != 1 or margs.stage == "sweep":
+            raise ConfigError(f"resume_from_checkpoint={resume}: a checkpoint path resumes one stage; with "
+                              f"--stage {margs.stage} use true or latest (each stage resumes from its own folder)")
+        resolve_resume(resume, Path(resume).parent)
+    return margs, data_args, base
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import sys
 
     from mmkd.hub import push_trained
 
-    margs, data_args, base = parse_args(argv, MatchArguments, PairDataArguments, MatchDistillationConfig)
-    if margs.stage not in STAGES:
-        raise SystemExit(f"--stage {margs.stage!r}: expected one of {', '.join(STAGES)}")
-    stages = ("teacher", "baseline", "distill") if margs.stage == "all" else (margs.stage,)
+    with config_errors():
+        margs, data_args, base = validate(argv)
+    stages = stages_of(margs)
     # The recipe pushes once, at the end (as recipes/clip_student.py): Trainer never sees push_to_hub.
     push_to_hub, base.push_to_hub = base.push_to_hub, False
-    push = pushed_folder(stages) if push_to_hub else None  # a wrong stage fails before any training
+    push = pushed_folder(stages) if push_to_hub else None
     command = command_line("recipes/match_student.py", sys.argv[1:] if argv is None else argv)
     out = Path(base.output_dir)
     if data_args.pairs_seed is None:

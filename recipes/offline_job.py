@@ -29,11 +29,12 @@ from typing import Any
 
 import yaml
 from accelerate import PartialState
-from transformers.trainer_utils import get_last_checkpoint
 
-from mmkd.args import import_script, parse_args
+from mmkd.args import config_errors, import_script, parse_args
+from mmkd.checks import ConfigError, at_least, integer_at_least, optional, run_checks
 from mmkd.distributed import shutdown
 from mmkd.trainers import CLIPDistillationConfig
+from mmkd.trainers.checkpoints import latest_checkpoint
 
 RECIPES = Path(__file__).resolve().parent
 clip_student = import_script(RECIPES / "clip_student.py")
@@ -124,10 +125,10 @@ def run_stage(name: str, main, argv: list[str], folder: Path, overwrite: bool, s
         print(f"[{name}] reusing the finished run in {folder} (same arguments; --overwrite true retrains)")
         return json.loads((folder / "training_summary.json").read_text())
     extra: list[str] = []
-    last = get_last_checkpoint(str(folder)) if same and not overwrite and folder.is_dir() else None
+    last = latest_checkpoint(folder) if same and not overwrite else None  # complete ones only
     if last is not None:
         print(f"[{name}] resuming the interrupted run from {last}")
-        extra = ["--resume_from_checkpoint", last]
+        extra = ["--resume_from_checkpoint", str(last)]
     elif state.is_main_process and folder.exists():
         if record is None and any(folder.iterdir()):
             raise SystemExit(f"{folder} exists and was not written by this job; choose another --output_dir")
@@ -251,8 +252,33 @@ def report(job: JobArguments, folders: dict[str, Path], summaries: dict[str, dic
 
 
 # 4. The job -----------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+JOB_CHECKS = {
+    "max_steps": optional(integer_at_least(1)), "max_train_samples": optional(integer_at_least(1)),
+    "eval_max_examples": optional(integer_at_least(1)), "eval_batch_size": integer_at_least(1),
+    "bias_permutations": integer_at_least(1), "scratch_learning_rate": optional(at_least(0)),
+}
+
+
+def validate(argv: list[str] | None = None) -> JobArguments:
+    """Parse the job's options and check them and all three stages' before anything trains (the distilled and
+    scratch stages' teacher is written by the first stage, so its path is not checked)."""
     (job,) = parse_args(argv, JobArguments)
+    run_checks(job, JOB_CHECKS)
+    for option in ("teacher_config", "student_config"):
+        if not Path(getattr(job, option)).is_file():
+            raise ConfigError(f"{option}={getattr(job, option)}: no such file")
+    if job.data_dir is not None and not Path(job.data_dir).is_dir():
+        raise ConfigError(f"data_dir={job.data_dir}: no such directory")
+    argvs = stage_argvs(job)
+    train_teacher.validate(argvs["teacher"])
+    for name in ("distilled", "scratch"):
+        clip_student.validate(argvs[name], check_teacher=False)
+    return job
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    with config_errors():
+        job = validate(argv)
     state = PartialState()
     command = "accelerate launch --num_processes 1 recipes/offline_job.py " + shlex.join(
         sys.argv[1:] if argv is None else argv

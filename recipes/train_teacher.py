@@ -22,14 +22,16 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from mmkd.args import parse_args, write_training_config
+from mmkd.args import config_errors, parse_args, refuse_token_option, write_training_config
+from mmkd.checks import ConfigError
 from mmkd.data import CLIPDistillationCollator
-from mmkd.data.sources import DataArguments, load_train_dataset
+from mmkd.data.sources import DataArguments, check_data_args, load_train_dataset
 from mmkd.distributed import shutdown
 from mmkd.reporting.hardware import hardware_description
 from mmkd.students import count_parameters
-from mmkd.teachers import load_teacher
+from mmkd.teachers import check_teacher_spec, load_teacher
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
+from mmkd.trainers.checkpoints import LATEST, resolve_resume
 
 
 @dataclass
@@ -40,11 +42,25 @@ class ArchitectureArguments:
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
+def validate(argv: list[str] | None = None):
+    """Parse ``argv`` and check the options before anything is loaded (:class:`~mmkd.checks.ConfigError`)."""
     data_args, arch, args = parse_args(argv, DataArguments, ArchitectureArguments, CLIPDistillationConfig)
+    refuse_token_option(args)
     if args.needs_teacher:
         weights = [t.weight for t in args.active_terms().values() if any(n.startswith("teacher_") for n in t.needs)]
-        raise SystemExit(f"train_teacher trains from scratch: set {', '.join(weights)} to 0 (they need a teacher)")
+        raise ConfigError(f"{weights[0]}={getattr(args, weights[0])}: train_teacher trains from scratch: set "
+                          f"{', '.join(weights)} to 0 (they need a teacher)")
+    check_teacher_spec(arch.architecture, option="architecture")
+    check_data_args(data_args)
+    if args.resume_from_checkpoint and str(args.resume_from_checkpoint).lower() not in LATEST:
+        resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    return data_args, arch, args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    with config_errors():
+        data_args, arch, args = validate(argv)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     set_seed(args.seed)
     start = time.time()
 
@@ -68,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         processing_class=processor,
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the logged losses
     summary = {

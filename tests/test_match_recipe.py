@@ -115,11 +115,11 @@ def test_sweep_writes_the_grid(trained, fmnist_dir, tiny_hf_clip_dir):  # noqa: 
     assert (out / "sweep.png").stat().st_size > 1000
 
 
-def test_bad_stage_and_missing_teacher(tmp_path, fmnist_dir, tiny_hf_clip_dir):  # noqa: F811
-    with pytest.raises(SystemExit, match="--stage 'teach'"):
-        match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "teach"))
-    with pytest.raises(SystemExit, match="run --stage teacher first"):
-        match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "distill"))
+def test_bad_stage_and_missing_teacher(tmp_path, fmnist_dir, tiny_hf_clip_dir, capsys):  # noqa: F811
+    for stage, expected in (("teach", "stage='teach'"), ("distill", "run --stage teacher first")):
+        with pytest.raises(SystemExit) as info:
+            match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, stage))
+        assert info.value.code == 2 and expected in capsys.readouterr().err
 
 
 def test_two_process_launch(tmp_path, fmnist_dir, tiny_hf_clip_dir):  # noqa: F811
@@ -212,7 +212,7 @@ def test_a_card_needs_a_match_student_folder(trained):
 
 
 def test_push_to_hub_sends_the_distilled_student_and_it_loads_by_id(trained, fmnist_dir, tiny_hf_clip_dir, hub,  # noqa: F811
-                                                                      tmp_path):
+                                                                      tmp_path, monkeypatch):
     import shutil
 
     from transformers import AutoTokenizer
@@ -222,8 +222,9 @@ def test_push_to_hub_sends_the_distilled_student_and_it_loads_by_id(trained, fmn
     src, _ = trained
     out = tmp_path / "run"
     shutil.copytree(src / "teacher", out / "teacher")
+    monkeypatch.setenv("HF_TOKEN", "hf_standin")  # the token reaches the push through the environment only
     match_student.main(recipe_argv(out, fmnist_dir, tiny_hf_clip_dir, "distill", 2, "--push_to_hub", "true",
-                                   "--hub_model_id", "me/fmnist-matcher", "--hub_token", "hf_standin"))
+                                   "--hub_model_id", "me/fmnist-matcher"))
     repo = hub.repos["me/fmnist-matcher"]
     assert [c["summary"] for c in repo.commits] == ["End of training"]
     assert repo.files == {p.as_posix(): (out / "distilled" / p).read_bytes()
@@ -257,9 +258,11 @@ def test_push_of_a_match_folder_without_card_writes_the_match_card(trained, hub,
     assert 'from_pretrained("me/baseline")' in card.text
 
 
-def test_push_to_hub_with_the_teacher_stage_fails_before_training(tmp_path, fmnist_dir, tiny_hf_clip_dir):  # noqa: F811
-    with pytest.raises(SystemExit, match="--push_to_hub pushes a student"):
+def test_push_to_hub_with_the_teacher_stage_fails_before_training(tmp_path, fmnist_dir, tiny_hf_clip_dir,  # noqa: F811
+                                                                  capsys):
+    with pytest.raises(SystemExit) as info:
         match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "teacher", 2, "--push_to_hub", "true"))
+    assert info.value.code == 2 and "push_to_hub=true: pushes a student" in capsys.readouterr().err
     assert not (tmp_path / "teacher").exists()
 
 
@@ -268,16 +271,23 @@ def test_pairs_seed_fixes_the_pairs_while_seed_varies_the_student(tmp_path, fmni
     seen = []
     real = match_student.load_pairs
 
+    class Stop(Exception):
+        pass
+
     def spy(data_args):
         seen.append(data_args.pairs_seed)
         return real(data_args)
 
+    def stop(*args, **kwargs):
+        raise Stop  # right after building the pairs
+
     monkeypatch.setattr(match_student, "load_pairs", spy)
-    with pytest.raises(SystemExit, match="run --stage teacher first"):  # stops right after building the pairs
-        match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "distill", 2, "--seed", "3",
+    monkeypatch.setattr(match_student, "run_baseline", stop)
+    with pytest.raises(Stop):
+        match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "baseline", 2, "--seed", "3",
                                        "--pairs_seed", "0"))
-    with pytest.raises(SystemExit, match="run --stage teacher first"):
-        match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "distill", 2, "--seed", "3"))
+    with pytest.raises(Stop):
+        match_student.main(recipe_argv(tmp_path, fmnist_dir, tiny_hf_clip_dir, "baseline", 2, "--seed", "3"))
     assert seen == [0, 3]
 
 

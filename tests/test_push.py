@@ -311,11 +311,11 @@ def test_the_card_command_never_carries_a_token():
 
 
 # 5. The recipe -------------------------------------------------------------------------------------------------
-def test_recipe_pushes_the_saved_student_once_at_the_end(recipe, hub, tmp_path):
+def test_recipe_pushes_the_saved_student_once_at_the_end(recipe, hub, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    monkeypatch.setenv("HF_TOKEN", "hf_standin")  # the token reaches the push through the environment only
     summary = recipe.main([*TINY_RUN, "--output_dir", str(out), "--save_steps", "1", "--report_to", "none",
-                           "--push_to_hub", "true", "--hub_model_id", "me/tiny-half", "--hub_token", "hf_standin",
-                           "--hub_private_repo", "true"])
+                           "--push_to_hub", "true", "--hub_model_id", "me/tiny-half", "--hub_private_repo", "true"])
     repo = hub.repos["me/tiny-half"]
     assert repo.private and [c["summary"] for c in repo.commits] == ["End of training"]  # no checkpoint pushes
     assert summary["hub_commit_url"].endswith(repo.heads["main"])

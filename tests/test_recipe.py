@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmkd.checks import ConfigError
 from tests.conftest import REPO, load_recipe
 
 SMOKE = REPO / "recipes" / "configs" / "smoke.yaml"
@@ -38,9 +39,9 @@ def test_yaml_config_and_command_line_overrides(recipe, tmp_path):
 def test_bad_configs_fail_before_any_work(recipe, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("teacher_name_or_path: x\ntriplet_margn: 0.2\n")
-    with pytest.raises(SystemExit, match="triplet_margn"):
+    with pytest.raises(ConfigError, match="triplet_margn"):
         recipe.parse_args(["--config", str(bad)])
-    with pytest.raises(SystemExit, match="missing.yaml"):
+    with pytest.raises(ConfigError, match="missing.yaml"):
         recipe.parse_args(["--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(ValueError, match="'semi'"):
         recipe.parse_args(["--config", str(SMOKE), "--output_dir", str(tmp_path), "--triplet_negatives", "semi"])

@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mmkd.checks import HUB_ID, ConfigError
+
 __all__ = [
     "DATASETS",
     "PAIR_DATASETS",
     "DataArguments",
     "DatasetSource",
     "PairDataArguments",
+    "check_columns",
+    "check_data_args",
     "describe_dataset",
     "load_pairs",
     "load_train_dataset",
@@ -93,6 +97,7 @@ class DataArguments:
     """The training set of a CLIP run (``recipes/clip_student.py``, ``recipes/train_teacher.py``)."""
 
     sources: ClassVar[Mapping[str, DatasetSource]] = DATASETS
+    hub_datasets: ClassVar[bool] = True  # an org/name dataset_name is read from the Hub
 
     dataset_name: str = field(
         default="shapes",
@@ -130,6 +135,54 @@ class DataArguments:
     )
 
 
+_GLOB = ("*", "?", "[", "{")
+
+
+def _check_path(option: str, value: str | None, kind: str = "path") -> None:
+    if value is None or any(c in str(value) for c in _GLOB):  # a glob / brace pattern is resolved by its reader
+        return
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{option}={value}: no such {'file or directory' if kind == 'path' else kind}")
+    if kind == "directory" and not path.is_dir():
+        raise ConfigError(f"{option}={value}: not a directory")
+
+
+def check_data_args(data_args) -> None:
+    """Refuse what cannot work before anything is loaded: an unknown ``dataset_name`` (with the known ones), paths
+    that do not exist, sizes below 1, a cache with a stream. Raises :class:`~mmkd.checks.ConfigError`."""
+    name = data_args.dataset_name
+    hub = data_args.hub_datasets and HUB_ID.fullmatch(name) and not _looks_like_path(name)
+    if name not in data_args.sources and not Path(name).is_dir() and not hub:
+        kind = "no such directory" if _looks_like_path(name) or "/" in name else "unknown dataset"
+        others = ", a folder written by save_to_disk" + (" or an org/name hub dataset id" if data_args.hub_datasets
+                                                         else "")
+        raise ConfigError(f"dataset_name={name}: {kind}; choose one of {', '.join(data_args.sources)}{others}")
+    for option in ("data_dir", "cc_tsv", "cc_image_dir"):
+        _check_path(option, getattr(data_args, option, None))
+    for option in ("max_train_samples", "max_eval_samples", "num_generated_examples", "generated_image_size"):
+        value = getattr(data_args, option, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{option}={value}: must be an integer >= 1")
+    if getattr(data_args, "teacher_cache_dir", None) and getattr(data_args, "streaming", False):
+        raise ConfigError(f"teacher_cache_dir={data_args.teacher_cache_dir}: the cache needs a map-style dataset; "
+                          "it cannot be used with streaming=true")
+
+
+def check_columns(dataset, data_args, columns: tuple[str, ...] | None = None) -> None:
+    """The dataset has the image and text columns the arguments name (``ConfigError`` listing its columns)."""
+    present = dataset.column_names if dataset.column_names is not None else list(dataset.features or {})
+    for option in columns or ("image_column", "text_column"):
+        col = getattr(data_args, option)
+        if present and col not in present:
+            raise ConfigError(f"{option}={col}: dataset {data_args.dataset_name!r} has no such column; its columns "
+                              f"are {', '.join(present)}")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 def describe_dataset(data_args) -> str:
     """The card's training-data line for ``data_args``."""
     source = data_args.sources.get(data_args.dataset_name)
@@ -155,10 +208,7 @@ def load_train_dataset(data_args: DataArguments):
         ds = datasets.load_dataset(
             name, data_args.dataset_config_name, split=data_args.train_split, streaming=data_args.streaming
         )
-    columns = ds.column_names if ds.column_names is not None else list(ds.features or {})
-    for col in (data_args.image_column, data_args.text_column):
-        if columns and col not in columns:
-            raise ValueError(f"dataset {name!r} has no column {col!r}; its columns are {columns}")
+    check_columns(ds, data_args)
     n = data_args.max_train_samples
     if n is not None and source is None:  # the table's sources apply the cap themselves
         ds = ds.take(n) if data_args.streaming else ds.select(range(min(n, len(ds))))
@@ -203,6 +253,7 @@ class PairDataArguments:
     """The matching pairs of a match run (``recipes/match_student.py``)."""
 
     sources: ClassVar[Mapping[str, DatasetSource]] = PAIR_DATASETS
+    hub_datasets: ClassVar[bool] = False
 
     dataset_name: str = field(
         default="fashion_mnist",

@@ -23,13 +23,14 @@ import abc
 import json
 import operator
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
+
+from mmkd.checks import HUB_ID
 
 if TYPE_CHECKING:
     import datasets
@@ -58,8 +59,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # Top-level folder names that mark "<root>/<split>/<class>/..." rather than "<root>/<class>/...".
 _SPLIT_FOLDER_NAMES = frozenset({"train", "test", "val", "valid", "validation"})
 
-# "owner/name" as the Hub spells repository ids; anything else with a slash is treated as a local path.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class DatasetUnavailableError(OSError):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmkd.eval.datasets import HUB_ID
+from mmkd.checks import HUB_ID
 from mmkd.reporting.hardware import machine_info
 from mmkd.reporting.tables import fmt, markdown_table, pct
 from mmkd.reporting.timing import interleaved_times, median_rate, time_summary

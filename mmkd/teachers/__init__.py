@@ -13,12 +13,15 @@ A new backend is one more entry: ``BACKENDS["mine"] = TeacherBackend(claims=...,
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mmkd.checks import ConfigError
 from mmkd.teachers import matcher, openclip, transformers_clip
 from mmkd.teachers.base import CLIPTeacher, FrozenTeacher, TeacherOutput
 from mmkd.teachers.matcher import MatcherTeacher
@@ -35,9 +38,11 @@ __all__ = [
     "TeacherBackend",
     "TeacherOutput",
     "TransformersCLIPTeacher",
+    "check_teacher_spec",
     "load_teacher",
     "load_transformers_clip",
     "resolve_backend",
+    "teacher_depths",
 ]
 
 
@@ -108,3 +113,92 @@ def load_transformers_clip(name_or_path: str, pretrained: str | None = None, bac
     if not isinstance(teacher, CLIPTeacher):
         raise ValueError(f"{name_or_path!r} is a {teacher.backend} model, not a CLIP")
     return teacher.to_transformers(), teacher.transformers_processor(), teacher.name
+
+
+# -- checks before anything is loaded --------------------------------------------------------------------------
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~", "local-dir:")) or spec.endswith((".json", *_WEIGHT_SUFFIXES)) or (
+        os.sep in spec and spec.count("/") != 1
+    )
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def check_teacher_spec(name_or_path: str | None, pretrained: str | None = None, backend: str = "auto",
+                       option: str = "teacher_name_or_path") -> None:
+    """Refuse a teacher spec that cannot load, before any model is: a missing local path (not reported as a bad hub
+    id), an open_clip name that does not exist (with the close matches), an unknown pretrained tag, a hub id while
+    the Hub is offline and the id is not in the local cache. Raises :class:`~mmkd.checks.ConfigError`."""
+    if name_or_path is None or not str(name_or_path).strip():
+        raise ConfigError(f"{option}=None: required (an open_clip name, a CLIPModel folder or hub id, a *.json config)")
+    spec = str(name_or_path)
+    local = spec.removeprefix("local-dir:")
+    if _looks_like_path(spec) or Path(local).exists():
+        if not Path(local).expanduser().exists():
+            raise ConfigError(f"{option}={spec}: no such file or directory")
+        if Path(local).is_dir():
+            try:
+                resolve_backend(local if not spec.startswith("local-dir:") else spec, backend)
+            except ValueError as err:
+                raise ConfigError(f"{option}={spec}: {err}") from None
+    elif spec.startswith("hf-hub:") or spec.count("/") == 1:
+        repo = spec.removeprefix("hf-hub:")
+        if _hub_offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            filename = "open_clip_config.json" if spec.startswith("hf-hub:") else "config.json"
+            if not isinstance(try_to_load_from_cache(repo, filename), str):
+                raise ConfigError(f"{option}={spec}: not a local path, and {repo!r} is not in the local Hub cache "
+                                  "while the Hub is offline (HF_HUB_OFFLINE=1)")
+    else:
+        import difflib
+
+        import open_clip
+
+        names = open_clip.list_models()
+        if spec not in names:
+            close = difflib.get_close_matches(spec, names, n=5, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{option}={spec}: not an open_clip model name, a local path or an org/name hub id{hint}")
+        if pretrained is not None and not _looks_like_path(pretrained):
+            tags = open_clip.list_pretrained_tags_by_model(spec)
+            if pretrained not in tags:
+                raise ConfigError(f"teacher_pretrained={pretrained}: not a pretrained tag of {spec} "
+                                  f"(tags: {', '.join(tags) or 'none'})")
+    if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).expanduser().is_file():
+        raise ConfigError(f"teacher_pretrained={pretrained}: no such file")
+
+
+def teacher_depths(name_or_path: str) -> tuple[int, int] | None:
+    """The teacher's (vision, text) layer counts from its config alone, without its weights; ``None`` when only
+    loading would tell (a hub id)."""
+    spec = str(name_or_path)
+    local = Path(spec.removeprefix("local-dir:"))
+    try:
+        if local.is_dir() and (local / "config.json").is_file():
+            cfg = json.loads((local / "config.json").read_text())
+            if cfg.get("model_type") == "clip":
+                return cfg["vision_config"]["num_hidden_layers"], cfg["text_config"]["num_hidden_layers"]
+            return None
+        if local.is_dir() and (local / "open_clip_config.json").is_file():
+            cfg = json.loads((local / "open_clip_config.json").read_text())["model_cfg"]
+        elif spec.endswith(".json") and local.is_file():
+            cfg = json.loads(local.read_text())
+        elif not _looks_like_path(spec) and "/" not in spec:
+            import open_clip
+
+            cfg = open_clip.get_model_config(spec)
+            if cfg is None:
+                return None
+        else:
+            return None
+        return int(cfg["vision_cfg"]["layers"]), int(cfg["text_cfg"]["layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -22,12 +22,24 @@ from typing import Any, ClassVar
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from mmkd.checks import Check, at_least, run_checks
+from mmkd.checks import Check, ConfigError, at_least, integer_at_least, run_checks
 from mmkd.losses import CombinedLoss, LossInputs, total_loss
 from mmkd.teachers.base import FrozenTeacher
+from mmkd.trainers.checkpoints import AtomicCheckpoints
 from mmkd.trainers.term_logging import LossTermLoggingMixin
 
 __all__ = ["DistillationConfig", "DistillationTrainer", "LossTerm"]
+
+# Training options every distillation run checks before anything is loaded (TrainingArguments leaves them to fail
+# later, deep in a data loader or an optimizer).
+TRAINING_CHECKS: dict[str, Check] = {
+    "per_device_train_batch_size": integer_at_least(1),
+    "per_device_eval_batch_size": integer_at_least(1),
+    "gradient_accumulation_steps": integer_at_least(1),
+    "learning_rate": at_least(0),
+    "weight_decay": at_least(0),
+    "max_grad_norm": at_least(0),
+}
 
 # Which student towers a LossInputs field carries gradients into.
 _TOWERS_OF_INPUT = {
@@ -93,7 +105,12 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        run_checks(self, dict(self.field_checks))
+        run_checks(self, {**TRAINING_CHECKS, **self.field_checks})
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise ConfigError(
+                f"max_steps={self.max_steps}: with num_train_epochs={self.num_train_epochs} the run would train 0 "
+                "steps (set max_steps > 0 or num_train_epochs > 0)"
+            )
         for term in self.loss_terms.values():
             run_checks(self, dict(term.checks))
         for name, term in self.loss_terms.items():
@@ -145,11 +162,12 @@ class DistillationConfig(TrainingArguments):
         return rows
 
 
-class DistillationTrainer(LossTermLoggingMixin, Trainer, abc.ABC):
+class DistillationTrainer(LossTermLoggingMixin, AtomicCheckpoints, Trainer, abc.ABC):
     """``Trainer`` that distils a frozen ``teacher`` into ``model`` with the loss of ``args``' table.
 
     Subclasses say how to read a batch: :meth:`teacher_inputs` (the teacher's outputs, live or cached) and
-    :meth:`student_inputs` (one forward of the possibly DDP-wrapped student). Every term is logged on its own.
+    :meth:`student_inputs` (one forward of the possibly DDP-wrapped student). Every term is logged on its own;
+    checkpoints appear under their final name only when complete (:mod:`mmkd.trainers.checkpoints`).
     """
 
     config_class: ClassVar[type[DistillationConfig]] = DistillationConfig
