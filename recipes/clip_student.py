@@ -137,15 +137,16 @@ def main(
     teacher_params, student_params = counts["teacher"], counts["student"]
     use_cache = data_args.teacher_cache_dir is not None and args.needs_teacher
     if use_cache:
-        train_dataset = cache_teacher_embeddings(
-            train_dataset,
-            teacher.to(args.device),
-            data_args.teacher_cache_dir,
-            image_column=data_args.image_column,
-            text_column=data_args.text_column,
-            batch_size=args.per_device_train_batch_size,
-            accelerator=PartialState(),
-        )
+        with config_errors():  # a stale cache is one line naming what changed
+            train_dataset = cache_teacher_embeddings(
+                train_dataset,
+                teacher.to(args.device),
+                data_args.teacher_cache_dir,
+                image_column=data_args.image_column,
+                text_column=data_args.text_column,
+                batch_size=args.per_device_train_batch_size,
+                accelerator=PartialState(),
+            )
     collator = CLIPDistillationCollator(
         processor,
         teacher.inputs() if args.needs_teacher else None,

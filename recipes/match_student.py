@@ -177,8 +177,9 @@ def run_baseline(args, base, pairs, out: Path, command: str = "") -> dict[str, A
 def cached_pairs(pairs: datasets.DatasetDict, teacher, cache_dir: str | Path, batch_size: int) -> datasets.DatasetDict:
     """The training pairs with the teacher's CLIP embeddings as columns (:mod:`mmkd.data.cache`: keyed by the
     teacher's weights, preprocessing and the pairs, computed once); the validation pairs stay as they are."""
-    train = cache_teacher_embeddings(pairs["train"], teacher.to(PartialState().device), cache_dir,
-                                     batch_size=batch_size, accelerator=PartialState())
+    with config_errors():  # a stale cache is one line naming what changed
+        train = cache_teacher_embeddings(pairs["train"], teacher.to(PartialState().device), cache_dir,
+                                         batch_size=batch_size, accelerator=PartialState())
     return datasets.DatasetDict(train=train, validation=pairs["validation"])
 
 

@@ -63,7 +63,8 @@ def probe_image(source, *, decode: bool = True, draft: bool = False) -> tuple[st
 
 
 def check_images(
-    paths: list[str], report: BadDataReport, *, decode: bool, num_proc: int | None = None, what: str = "data"
+    paths: list[str], report: BadDataReport, *, decode: bool, draft: bool = False, num_proc: int | None = None,
+    what: str = "data",
 ) -> list[bool]:
     """Which of ``paths`` :func:`probe_image` accepts, in order, probing on ``num_proc`` threads (Pillow
     releases the GIL while reading and decoding, so threads scale without pickling) with a progress bar. Bad
@@ -74,7 +75,7 @@ def check_images(
     ok = []
     pool = ThreadPoolExecutor(max_workers=num_proc) if num_proc and num_proc > 1 else None
     try:
-        probe = functools.partial(probe_image, decode=decode)
+        probe = functools.partial(probe_image, decode=decode, draft=draft)
         results = pool.map(probe, paths) if pool else map(probe, paths)
         for path, problem in tqdm(zip(paths, results, strict=True), total=len(paths), desc=desc, unit="img"):
             if problem is not None:
@@ -131,3 +132,69 @@ class BadDataReport:
         line = self.summary(what)
         (logger.warning if self.skipped else logger.info)(line)
         return line
+
+
+def _caption_problem(text) -> str | None:
+    if not isinstance(text, str):
+        return f"caption is a {type(text).__name__}, not text"
+    return None if text.strip() else "empty caption"
+
+
+def _row_problem(image, text) -> tuple[str, str] | None:
+    """Why an (image, caption) row cannot be trained on, or ``None``. ``image``: the ``Image`` feature's undecoded
+    ``{"bytes", "path"}`` (or a PIL image)."""
+    problem = _caption_problem(text)
+    if problem:
+        return "bad caption", problem
+    if image is None:
+        return "missing image", "no image in the row"
+    if isinstance(image, dict):
+        source = image.get("bytes") if image.get("bytes") is not None else image.get("path")
+        if source is None:
+            return "missing image", "no image in the row"
+        return probe_image(source, decode=True, draft=True)
+    return None  # already a decoded image
+
+
+def drop_bad_rows(dataset, image_column: str, text_column: str, *, strict: bool = False, what: str = "data"):
+    """``dataset`` without the rows that cannot be trained on: a caption that is not a non-empty string, an image
+    that is missing or does not decode (JPEGs at 1/8 scale, which reads every byte). Map-style sets are checked up
+    front and the summary line is logged with exact counts; a stream skips and counts as it goes (the first
+    offenders are logged). ``strict=True`` raises :class:`BadDataError` on the first bad row instead."""
+    import datasets
+
+    report = BadDataReport(strict=strict)
+    decoded = dataset.features.get(image_column) if dataset.features else None
+    undecoded = datasets.Image(decode=False) if isinstance(decoded, datasets.Image) else None
+    if isinstance(dataset, datasets.IterableDataset):
+        def keep(example) -> bool:
+            report.seen += 1
+            problem = _row_problem(example[image_column], example[text_column])
+            if problem is not None:
+                before = len(report.examples)
+                report.bad(problem[0], f"{what} example {report.seen - 1}", problem[1])
+                if len(report.examples) > before:
+                    logger.warning("skipped %s", report.examples[-1])
+            return problem is None
+
+        raw = dataset.cast_column(image_column, undecoded) if undecoded else dataset
+        kept = raw.filter(keep)
+        return kept.cast_column(image_column, decoded) if undecoded else kept
+
+    def keep_batch(batch, indices) -> list[bool]:
+        flags = []
+        for image, text, index in zip(batch[image_column], batch[text_column], indices, strict=True):
+            report.seen += 1
+            problem = _row_problem(image, text)
+            if problem is not None:
+                path = image.get("path") if isinstance(image, dict) else None
+                report.bad(problem[0], f"{what} row {index}" + (f" ({path})" if path else ""), problem[1])
+            flags.append(problem is None)
+        return flags
+
+    raw = dataset.cast_column(image_column, undecoded) if undecoded else dataset
+    # keep_in_memory / no cache file: the check runs every time, so the counts in the summary are this run's
+    kept = raw.filter(keep_batch, batched=True, with_indices=True, keep_in_memory=True, load_from_cache_file=False,
+                      desc=f"{what}: checking rows")
+    report.log_summary(what)
+    return kept.cast_column(image_column, decoded) if undecoded else kept

@@ -9,6 +9,13 @@ The cache is keyed by everything that determines its content: the teacher's name
 image preprocessing and tokenizer (their signatures), the dataset's fingerprint and the two column names. A cache
 written for anything else is refused with :class:`StaleCacheError` naming what differs, never silently reused.
 
+A dataset whose image column holds file *paths* (an image folder, a ``save_to_disk`` table of paths, Conceptual
+Captions' ``image_dir`` layout) keeps its fingerprint when a file is overwritten in place, so the images themselves
+are part of the key: every file's size and modification time (one ``stat`` per row) plus the SHA-256 of the content
+of a seeded sample of :data:`CONTENT_SAMPLE` files (which catches an edit that kept size and time). The list is
+stored beside the embeddings, and a changed file makes the cache stale, naming the file. Images stored as bytes
+in the table (generated sets, webdataset shards copied into Arrow) are covered by the fingerprint itself.
+
 Only deterministic preprocessing is cached: the teacher's own validation transform (resize, centre crop,
 normalise). Embeddings of randomly augmented views would be wrong for every other view of the same image.
 
@@ -38,15 +45,68 @@ logger = logging.getLogger(__name__)
 IMAGE_COLUMN = "teacher_image_embeds"
 TEXT_COLUMN = "teacher_text_embeds"
 META_FILE = "mmkd_cache.json"
-FORMAT_VERSION = 1
+FILES_FILE = "image_files.json"
+FORMAT_VERSION = 2
+CONTENT_SAMPLE = 64  # image files whose content is hashed (the others: size and modification time)
 
 
 class StaleCacheError(ValueError):
     """A cache exists but was written for another teacher, preprocessing or dataset."""
 
 
-def cache_key(teacher: FrozenTeacher, dataset, image_column: str, text_column: str) -> dict:
-    """Everything the cached embeddings depend on, as a JSON-able dict."""
+def image_files(dataset, image_column: str) -> list[list] | None:
+    """``[path, size, mtime_ns, sha256 or None]`` of every image the dataset reads by path (``None`` when its images
+    are stored as bytes); the content hash for a seeded sample of :data:`CONTENT_SAMPLE` files only."""
+    import datasets
+    import numpy as np
+
+    if not isinstance(dataset.features.get(image_column), datasets.Image):
+        return None
+    import pyarrow.compute as pc
+
+    raw = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    column = raw.with_format("arrow")[:][image_column]  # (N,) struct<bytes, path>
+    paths = [None if b is not None else p for b, p in zip(pc.struct_field(column, "bytes").to_pylist(),
+                                                             pc.struct_field(column, "path").to_pylist(), strict=True)]
+    if not any(paths):
+        return None
+    files = []
+    for path in paths:
+        try:
+            stat = os.stat(path) if path else None
+        except OSError:
+            stat = None
+        files.append([path, stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1, None])
+    with_path = [i for i, f in enumerate(files) if f[0]]
+    for i in np.random.default_rng(0).permutation(len(with_path))[:CONTENT_SAMPLE]:
+        entry = files[with_path[i]]
+        try:
+            entry[3] = hashlib.sha256(Path(entry[0]).read_bytes()).hexdigest()
+        except OSError:
+            entry[3] = "unreadable"
+    return files
+
+
+def _files_digest(files: list[list] | None) -> str | None:
+    return None if files is None else hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
+def _changed_file(stored: list[list], now: list[list] | None) -> str:
+    """The first image that differs between two :func:`image_files` lists, in words."""
+    if now is None or len(stored) != len(now):
+        return f"the image files changed ({len(stored)} then, {0 if now is None else len(now)} now)"
+    for (path, size, mtime, digest), (path_now, size_now, mtime_now, digest_now) in zip(stored, now, strict=True):
+        if path != path_now:
+            return f"image {path} is now {path_now}"
+        if size != size_now or mtime != mtime_now:
+            return f"image file {path} changed since the cache was written (size {size} -> {size_now} bytes)"
+        if digest != digest_now:
+            return f"image file {path} changed since the cache was written (same size and time, other content)"
+    return "the image files changed"
+
+
+def cache_key(teacher: FrozenTeacher, dataset, image_column: str, text_column: str, files=None) -> dict:
+    """Everything the cached embeddings depend on, as a JSON-able dict (``files``: :func:`image_files`)."""
     inputs = teacher.inputs()
     key = {
         "format_version": FORMAT_VERSION,
@@ -59,20 +119,30 @@ def cache_key(teacher: FrozenTeacher, dataset, image_column: str, text_column: s
         "num_rows": len(dataset),
         "image_column": image_column,
         "text_column": text_column,
+        "image_files_sha256": _files_digest(files),
     }
     return json.loads(json.dumps(key))  # the form it has once stored: tuples become lists
 
 
 def _digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    """The cache folder's name: the key without the image files' state, so an edited image finds the old folder
+    and is refused as stale (naming the file) instead of being cached again beside it."""
+    identity = {k: v for k, v in key.items() if k != "image_files_sha256"}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_cache(path: str | Path, key: dict) -> None:
-    """Raise :class:`StaleCacheError` naming each field where the cache at ``path`` differs from ``key``."""
+def check_cache(path: str | Path, key: dict, files: list[list] | None = None) -> None:
+    """Raise :class:`StaleCacheError` naming each field where the cache at ``path`` differs from ``key`` (and the
+    first changed image file, with ``files``)."""
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise StaleCacheError(f"{path} is not an mmkd embedding cache (no {META_FILE})")
     stored = json.loads(meta_path.read_text())
+    if stored.get("image_files_sha256") != key.get("image_files_sha256"):
+        files_path = Path(path) / FILES_FILE
+        what = _changed_file(json.loads(files_path.read_text()), files) if files_path.is_file() else "images changed"
+        raise StaleCacheError(f"teacher-embedding cache {path} is stale: {what}; delete {path} (or choose another "
+                              "teacher_cache_dir) to compute the embeddings again")
     diffs = [k for k in sorted(set(key) | set(stored)) if key.get(k) != stored.get(k)]
     if diffs:
         detail = "; ".join(f"{k}: cache has {stored.get(k)!r}, now {key.get(k)!r}" for k in diffs)
@@ -119,12 +189,15 @@ def cache_teacher_embeddings(
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be >= 1")
 
-    key = cache_key(teacher, dataset, image_column, text_column)
+    files = image_files(dataset, image_column)
+    key = cache_key(teacher, dataset, image_column, text_column, files)
     final = Path(cache_dir) / _digest(key)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else teacher.device
     if not final.is_dir():
         work = final.parent / f"{final.name}.work"
+        if (work / META_FILE).is_file() and json.loads((work / META_FILE).read_text()) != key:
+            shutil.rmtree(work)  # shards of an interrupted run over other images: not to be reused
         work.mkdir(parents=True, exist_ok=True)
         (work / META_FILE).write_text(json.dumps(key, indent=2))
         n_shards = max(1, -(-len(dataset) // shard_size))
@@ -150,11 +223,13 @@ def cache_teacher_embeddings(
             shutil.rmtree(assembling, ignore_errors=True)
             parts.save_to_disk(assembling)
             (assembling / META_FILE).write_text(json.dumps(key, indent=2))
+            if files is not None:
+                (assembling / FILES_FILE).write_text(json.dumps(files))
             os.replace(assembling, final)
             shutil.rmtree(work, ignore_errors=True)
         if accelerator is not None:
             accelerator.wait_for_everyone()
-    check_cache(final, key)
+    check_cache(final, key, files)
     embeds = datasets.load_from_disk(final)
     if len(embeds) != len(dataset):
         raise StaleCacheError(f"cache {final} has {len(embeds)} rows, the dataset {len(dataset)}")
@@ -165,5 +240,6 @@ def load_cached_embeddings(dataset, teacher: FrozenTeacher, path: str | Path, *,
     """Attach the embeddings cached at ``path`` (a ``cache_dir/<digest>`` folder) after checking they fit."""
     import datasets
 
-    check_cache(path, cache_key(teacher, dataset, image_column, text_column))
+    files = image_files(dataset, image_column)
+    check_cache(path, cache_key(teacher, dataset, image_column, text_column, files), files)
     return datasets.concatenate_datasets([dataset, datasets.load_from_disk(path)], axis=1)

@@ -22,11 +22,11 @@ those of the random build for that seed; only the mismatched texts change, and t
 Bad data (:mod:`mmkd.data.baddata`) is skipped and counted, or raised with ``strict=True``: image entries
 without ``id``/``file_name``, annotation rows lacking ``id``/``image_id``/``caption`` or naming an image
 absent from ``images``, images left without captions, and missing or unreadable image files. The files are
-checked *before* the pairs are built, so a bad image never takes a caption with it into another row. By
-default only each file's header is read (decoding all 118k train2017 images takes minutes; the header catches
-missing, empty, non-image and corrupt-header files); ``verify_images=True`` decodes every image (also catching
-truncated files), with a progress bar, on ``num_proc`` threads (Pillow releases the GIL while decoding, so
-threads scale without pickling).
+checked *before* the pairs are built, so a bad image never takes a caption with it into another row, and every
+row the builder returns decodes: by default each JPEG is decoded at 1/8 scale (every byte of its scan is read, so
+truncated files are caught, at a fraction of a full decode's cost) and other formats fully; ``verify_images=True``
+decodes every image at full size. A progress bar shows the check, on ``num_proc`` threads (Pillow releases the
+GIL while decoding, so threads scale without pickling).
 
 The ``image`` column stores the absolute file path (a ``datasets.Image`` feature): the table stays small and
 images are decoded only when read.
@@ -134,7 +134,8 @@ def build_coco_matching(
         strict: raise :class:`~mmkd.data.baddata.BadDataError` on the first bad image or row, not skip it.
         max_images: for quick runs: a seeded random subset of at most this many images per split, taken before
             the image files are checked (so bad files in the subset leave fewer).
-        verify_images: decode every image completely up front instead of reading only its header.
+        verify_images: decode every image at full size up front (default: JPEGs at 1/8 scale, which also catches
+            truncated files).
         num_proc: threads for checking the image files (default: the calling thread only).
 
     Returns:
@@ -363,7 +364,7 @@ def _read_split(
         ids = [ids[i] for i in pick]
 
     paths = [str(source.images / files[i]) for i in ids]
-    ok = check_images(paths, report, decode=verify, num_proc=num_proc, what=source.label)
+    ok = check_images(paths, report, decode=True, draft=not verify, num_proc=num_proc, what=source.label)
     ids = [i for i, good in zip(ids, ok, strict=True) if good]
     paths = [p for p, good in zip(paths, ok, strict=True) if good]
 

@@ -117,7 +117,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 ROWS_PER_BLOCK = 10_000
 
 # Bumped whenever the rows written to the Arrow cache change, so stale caches are not reused.
-_CACHE_FORMAT_VERSION = 1
+_CACHE_FORMAT_VERSION = 2
 
 
 # TSV ---------------------------------------------------------------------------------------------------------------
@@ -369,9 +369,20 @@ def _resolve_tsv(tsv: str | os.PathLike, split: str) -> str:
     return str(path)
 
 
+_SIGNATURE_BYTES = 1 << 16  # hashed from each end of a file: catches an in-place rewrite that kept size and time
+
+
 def _file_signature(path: str) -> list[Any]:
+    """Path, size, modification time and a SHA-256 of the first and last 64 KiB: what makes a shard or TSV "the same
+    file" for the Arrow cache (and so for the teacher-embedding cache keyed by its fingerprint)."""
     st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_SIGNATURE_BYTES))
+        if st.st_size > 2 * _SIGNATURE_BYTES:
+            f.seek(-_SIGNATURE_BYTES, os.SEEK_END)
+        h.update(f.read(_SIGNATURE_BYTES))
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns, h.hexdigest()]
 
 
 def _fingerprint(**parts: Any) -> str:

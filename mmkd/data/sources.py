@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mmkd.checks import HUB_ID, ConfigError
+from mmkd.data.baddata import drop_bad_rows
 
 __all__ = [
     "DATASETS",
@@ -191,7 +192,8 @@ def describe_dataset(data_args) -> str:
 
 def load_train_dataset(data_args: DataArguments):
     """The training set named by ``data_args`` (a source of its table, a ``save_to_disk`` folder or a hub id) with its
-    image and text columns checked, at most ``max_train_samples`` rows."""
+    image and text columns checked, at most ``max_train_samples`` rows, and (folders and hub sets) without the rows
+    that cannot be trained on (:func:`mmkd.data.baddata.drop_bad_rows`: skipped and counted)."""
     import datasets
 
     name = data_args.dataset_name
@@ -209,9 +211,11 @@ def load_train_dataset(data_args: DataArguments):
             name, data_args.dataset_config_name, split=data_args.train_split, streaming=data_args.streaming
         )
     check_columns(ds, data_args)
-    n = data_args.max_train_samples
-    if n is not None and source is None:  # the table's sources apply the cap themselves
-        ds = ds.take(n) if data_args.streaming else ds.select(range(min(n, len(ds))))
+    if source is None:  # the table's sources apply the cap and the bad-data policy themselves
+        n = data_args.max_train_samples
+        if n is not None:
+            ds = ds.take(n) if data_args.streaming else ds.select(range(min(n, len(ds))))
+        ds = drop_bad_rows(ds, data_args.image_column, data_args.text_column, what=f"dataset {name}")
     return ds
 
 
@@ -285,7 +289,9 @@ def load_pairs(data_args: PairDataArguments):
     if source is not None:
         pairs = source.build(data_args)
     elif Path(name).is_dir():
-        pairs = datasets.load_from_disk(name)
+        loaded = datasets.load_from_disk(name)
+        pairs = datasets.DatasetDict({split: drop_bad_rows(ds, "image", "text", what=f"{name} {split}")
+                                      for split, ds in loaded.items()})
     else:
         raise ValueError(f"--dataset_name {name!r}: expected one of {', '.join(data_args.sources)} or a save_to_disk "
                          "folder")
