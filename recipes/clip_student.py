@@ -14,13 +14,17 @@ Eight GPUs, bf16, ViT-B/32 teacher on Conceptual Captions:
         --config recipes/configs/vit_b32_cc3m.yaml --output_dir out/vit-b32-half
 
 Any option of the YAML file can be overridden on the command line (``--max_steps 100``); ``--help`` lists them.
-Resume an interrupted run with ``--resume_from_checkpoint out/smoke/checkpoint-20`` (or ``true`` for the latest).
+Resume an interrupted run with ``--resume_from_checkpoint latest`` (or ``true``: the latest *complete* checkpoint of
+``--output_dir``) or a path, ``out/smoke/checkpoint-20``. Checkpoints are written atomically, so a kill mid-save
+never leaves one that a resume would pick.
 The result loads without mmkd:
     pipeline("zero-shot-image-classification", model="out/smoke")
 
 Push the student to the Hub at the end of training with Trainer's own options:
     accelerate launch recipes/clip_student.py --config recipes/configs/vit_b32_cc3m.yaml --output_dir out/vit-b32-half \
-        --push_to_hub true --hub_model_id me/clip-vit-b32-half [--hub_private_repo true] [--hub_token hf_...]
+        --push_to_hub true --hub_model_id me/clip-vit-b32-half [--hub_private_repo true]
+The token comes from ``HF_TOKEN`` or ``huggingface-cli login``; ``--hub_token`` is refused (it would reach child
+processes' argv and the saved arguments).
 The recipe, not Trainer, pushes: Trainer with ``push_to_hub`` would create the repository over the network in its
 constructor (failing an offline machine before the first step) and upload every checkpoint. Here training and the
 local save never touch the network; once the student is saved, the main process writes its model card

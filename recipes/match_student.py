@@ -308,6 +308,9 @@ def validate(argv: list[str] | None = None):
     refuse_token_option(base)
     run_checks(margs, MATCH_CHECKS)
     stages = stages_of(margs)
+    if margs.stage == "sweep":
+        _floats("sweep_alphas", margs.sweep_alphas, between(0, 1))
+        _floats("sweep_temperatures", margs.sweep_temperatures, greater_than(0))
     if base.push_to_hub:
         pushed_folder(stages)
     if "teacher" in stages:
@@ -323,9 +326,6 @@ def validate(argv: list[str] | None = None):
         if value and (value.startswith((".", "/", "~")) or value.endswith((".pth", ".pt", ".safetensors"))):
             if not Path(value).expanduser().exists():
                 raise ConfigError(f"{option}={value}: no such file or directory")
-    if margs.stage == "sweep":
-        _floats("sweep_alphas", margs.sweep_alphas, between(0, 1))
-        _floats("sweep_temperatures", margs.sweep_temperatures, greater_than(0))
     resume = base.resume_from_checkpoint
     if resume and str(resume).lower() not in LATEST:
         if len(stages) != 1 or margs.stage == "sweep":

@@ -14,9 +14,8 @@ MATCH = REPO / "recipes" / "configs" / "match_fashion_mnist.yaml"
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefXYZ"
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Every way a model loads raises: a check that runs after loading a model fails the test."""
+def block_model_loading(monkeypatch) -> None:
+    """Every way a model loads raises: a check that runs after loading a model fails."""
 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad option was refused")
@@ -31,6 +30,11 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model_and_transforms", boom)
     monkeypatch.setattr(CLIPModel, "from_pretrained", boom)
     monkeypatch.setattr(ResNetMiniLMMatcher, "from_components", boom)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    block_model_loading(monkeypatch)
 
 
 def clip_argv(tmp_path, *extra):

@@ -153,7 +153,11 @@ def _row_problem(image, text) -> tuple[str, str] | None:
         if source is None:
             return "missing image", "no image in the row"
         return probe_image(source, decode=True, draft=True)
-    return None  # already a decoded image
+    try:  # a PIL image from a stream: opened lazily, so decode it now
+        image.load()
+    except Exception as e:  # PIL raises many types on corrupt files
+        return "unreadable image", f"{type(e).__name__}: {e}"
+    return None
 
 
 def drop_bad_rows(dataset, image_column: str, text_column: str, *, strict: bool = False, what: str = "data"):
@@ -177,9 +181,13 @@ def drop_bad_rows(dataset, image_column: str, text_column: str, *, strict: bool 
                     logger.warning("skipped %s", report.examples[-1])
             return problem is None
 
-        raw = dataset.cast_column(image_column, undecoded) if undecoded else dataset
-        kept = raw.filter(keep)
-        return kept.cast_column(image_column, decoded) if undecoded else kept
+        if undecoded is None:
+            return dataset.filter(keep)
+        # the Image feature would decode (and raise on a corrupt file) before the filter sees the row: check the
+        # undecoded {"bytes", "path"}, then decode what was kept
+        kept = dataset.cast_column(image_column, undecoded).filter(keep)
+        return kept.map(lambda example: {image_column: decoded.decode_example(example[image_column])},
+                        features=dataset.features)
 
     def keep_batch(batch, indices) -> list[bool]:
         flags = []
