@@ -95,14 +95,14 @@ def test_clip_student_refuses_bad_values(tmp_path, capsys, no_model_loading, ext
     assert not (tmp_path / "out").exists()  # nothing written either
 
 
-@pytest.mark.parametrize(
-    ("yaml", "expected"),
-    [
-        ("per_device_train_batch_size: [8]\n", "per_device_train_batch_size=[8]: expected one value, not a list"),
-        ("triplet_margn: 0.2\n", "unknown option(s) triplet_margn"),
-        ("max_steps: 8.5\n", "max_steps='8.5': invalid int value"),
-    ],
-)
+YAML_CASES = [
+    ("per_device_train_batch_size: [8]\n", "per_device_train_batch_size=[8]: expected one value, not a list"),
+    ("triplet_margn: 0.2\n", "unknown option(s) triplet_margn"),
+    ("max_steps: 8.5\n", "max_steps='8.5': invalid int value"),
+]
+
+
+@pytest.mark.parametrize(("yaml", "expected"), YAML_CASES)
 def test_yaml_values_go_through_the_same_checks(tmp_path, capsys, no_model_loading, yaml, expected):
     recipe = load_recipe("clip_student")
     with pytest.raises(SystemExit) as info:
@@ -134,25 +134,31 @@ MATCH_CASES = [
 @pytest.mark.parametrize(("extra", "expected"), MATCH_CASES, ids=[c[1].split(":")[0] for c in MATCH_CASES])
 def test_match_student_refuses_bad_values(tmp_path, capsys, no_model_loading, extra, expected):
     recipe = load_recipe("match_student")
-    argv = ["--config", str(MATCH), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", *extra]
     with pytest.raises(SystemExit) as info:
-        recipe.main(argv)
+        recipe.main(match_argv(tmp_path, *extra))
     assert_one_line(capsys, info, expected)
 
 
-@pytest.mark.parametrize(
-    ("extra", "expected"),
-    [
-        (["--max_steps", "0"], "max_steps=0: must be an integer >= 1"),
-        (["--teacher_config", "missing.yaml"], "teacher_config=missing.yaml: no such file"),
-        (["--architecture", "ViT-B-3"], "architecture=ViT-B-3: not an open_clip model name"),
-        (["--train_overrides", "--learning_rate -1"], "learning_rate=-1.0: must be >= 0"),
-    ],
-)
+OFFLINE_CASES = [
+    (["--max_steps", "0"], "max_steps=0: must be an integer >= 1"),
+    (["--teacher_config", "missing.yaml"], "teacher_config=missing.yaml: no such file"),
+    (["--architecture", "ViT-B-3"], "architecture=ViT-B-3: not an open_clip model name"),
+    (["--train_overrides", "--learning_rate -1"], "learning_rate=-1.0: must be >= 0"),
+]
+
+
+def match_argv(tmp_path, *extra):
+    return ["--config", str(MATCH), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", *extra]
+
+
+def offline_argv(tmp_path, *extra):
+    return ["--config", str(REPO / "recipes/configs/offline_job.yaml"), "--output_dir", str(tmp_path / "job"), *extra]
+
+
+@pytest.mark.parametrize(("extra", "expected"), OFFLINE_CASES)
 def test_offline_job_checks_every_stage_before_training(tmp_path, capsys, no_model_loading, extra, expected):
     job = load_recipe("offline_job")
-    argv = ["--config", str(REPO / "recipes/configs/offline_job.yaml"), "--output_dir", str(tmp_path / "job"), *extra]
     with pytest.raises(SystemExit) as info:
-        job.main(argv)
+        job.main(offline_argv(tmp_path, *extra))
     assert_one_line(capsys, info, expected)
     assert not (tmp_path / "job").exists()
