@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPModel
 
 from mmkd.students import build_student, count_parameters, select_layers
-from mmkd.students.half_depth import student_depth
+from mmkd.students.clip import student_depth
 
 
 @pytest.mark.parametrize(

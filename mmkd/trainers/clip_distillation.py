@@ -26,7 +26,7 @@ from mmkd.losses.clip import (
     EmbeddingDistillationLoss,
     TripletLoss,
 )
-from mmkd.students.half_depth import STRATEGIES
+from mmkd.students.clip import STRATEGIES
 from mmkd.teachers import BACKENDS
 from mmkd.trainers.base import DistillationConfig, DistillationTrainer, LossTerm
 
@@ -85,7 +85,7 @@ class CLIPDistillationConfig(DistillationConfig):
     """Training arguments plus the teacher, the student and the loss of a CLIP distillation run."""
 
     loss_terms: ClassVar = CLIP_LOSS_TERMS
-    # Named layer-selection strategies for the student (mmkd.students.half_depth); a subclass may extend it.
+    # Named layer-selection strategies for the student (mmkd.students.clip); a subclass may extend it.
     layer_strategies: ClassVar = STRATEGIES
     field_checks: ClassVar = {
         "teacher_backend": lambda v: one_of("auto", *BACKENDS)(v),

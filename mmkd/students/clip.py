@@ -1,8 +1,7 @@
-"""Half-depth CLIP students: a stock ``transformers.CLIPModel`` with fewer layers, initialised from its teacher.
+"""CLIP students of any depth and width: a stock ``transformers.CLIPModel`` initialised from its teacher.
 
-The student keeps the teacher's widths, heads, patch size, context length and projection dims; only the number of
-transformer layers in each tower changes (half by default, odd depths rounded up). Embeddings, final norms,
-projections and the logit scale are copied from the teacher; the kept layers are chosen by a named strategy:
+Depth: the student keeps some of the teacher's transformer layers in each tower (half by default, odd depths rounded
+up), chosen by a named strategy:
 
 ==============  =======================  =====================================================================
 strategy        12 -> 6 layers           used by
@@ -13,6 +12,11 @@ strategy        12 -> 6 layers           used by
 ``first``       [0, 1, 2, 3, 4, 5]       the bottom of the teacher
 ``random``      -                        no teacher weights at all: the from-scratch baseline
 ==============  =======================  =====================================================================
+
+Width (optional, per tower): hidden width, attention heads and MLP width; every kept tensor is then sliced to the
+most important channels, heads and neurons (:mod:`mmkd.students.width`, TinyCLIP's manual weight inheritance).
+Patch size, context length, vocabulary and projection dim stay the teacher's, so the embedding losses apply
+unchanged. Embeddings, final norms, projections and the logit scale are copied (sliced when narrower).
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 from transformers import CLIPConfig, CLIPModel
+
+from mmkd.students.width import (
+    IMPORTANCE,
+    TowerShape,
+    WidthPlan,
+    plan_width,
+    resolve_width,
+    slice_tower_param,
+)
 
 
 def _every_other(n: int, k: int) -> list[int]:
@@ -110,6 +123,10 @@ class StudentInit:
     teacher_vision_depth: int
     teacher_text_depth: int
     teacher: str | None = None
+    # the narrowed towers' (width, heads, MLP width) and the importance that chose what they keep; None: full width
+    vision_shape: dict | None = None
+    text_shape: dict | None = None
+    importance: str | None = None
 
 
 def build_student(
@@ -120,12 +137,20 @@ def build_student(
     strategy: str = "every_other",
     vision_layers: list[int] | None = None,
     text_layers: list[int] | None = None,
+    vision_width: int | None = None,
+    text_width: int | None = None,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    vision_mlp_width: int | None = None,
+    text_mlp_width: int | None = None,
+    importance: str = "magnitude",
+    calibration: Mapping[str, torch.Tensor] | None = None,
     teacher_name: str | None = None,
     seed: int = 0,
     allow_full_depth: bool = False,
     strategies: Mapping[str, Callable[[int, int], list[int] | None]] = STRATEGIES,
 ) -> tuple[CLIPModel, StudentInit]:
-    """Build a student ``CLIPModel`` from a full-depth transformers ``CLIPModel`` teacher.
+    """Build a student ``CLIPModel`` from a transformers ``CLIPModel`` teacher.
 
     Args:
         teacher_model: the teacher as a transformers ``CLIPModel`` (``CLIPTeacher.to_transformers()`` gives one for
@@ -134,13 +159,21 @@ def build_student(
         strategy: how layers are picked: a name of ``strategies`` (see the module docstring), ``random`` for a
             from-scratch student.
         vision_layers / text_layers: explicit teacher layer indices, overriding depth and strategy for that tower.
+        vision_width / text_width, vision_heads / text_heads, vision_mlp_width / text_mlp_width: the tower's
+            hidden width, heads and MLP width (default: the teacher's; see
+            :func:`mmkd.students.width.resolve_width` for the defaults of heads and MLP width under a narrower
+            width). Giving any of a tower's three slices that tower by ``importance``, even to the teacher's shape.
+        importance: which channels, heads and neurons a narrower tower keeps: ``magnitude``, ``activation``
+            (needs ``calibration``: a batch with ``pixel_values``, ``input_ids``, ``attention_mask``) or ``first``.
         teacher_name: recorded in the student's config.
         seed: seeds the random initialisation of everything not copied.
-        allow_full_depth: permit a student as deep as the teacher (used to prove the weight copy is exact).
+        allow_full_depth: permit a student as deep as the teacher (a width-only student; the exactness tests).
         strategies: the table of named strategies (default :data:`STRATEGIES`).
     """
     if strategy not in strategies:
         raise ValueError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(strategies)}")
+    if importance not in IMPORTANCE:
+        raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCE)}")
     tcfg: CLIPConfig = teacher_model.config
     n_vision = tcfg.vision_config.num_hidden_layers
     n_text = tcfg.text_config.num_hidden_layers
@@ -164,6 +197,15 @@ def build_student(
     cfg.vision_config.num_hidden_layers = v_depth
     cfg.text_config.num_hidden_layers = t_depth
     cfg.architectures = ["CLIPModel"]
+    shapes = {}
+    for tower, w, h, m in (("vision", vision_width, vision_heads, vision_mlp_width),
+                           ("text", text_width, text_heads, text_mlp_width)):
+        if (w, h, m) == (None, None, None):
+            continue
+        tower_cfg = getattr(cfg, f"{tower}_config")
+        width, heads, mlp = resolve_width(TowerShape.of(tower_cfg), tower, w, h, m)
+        tower_cfg.hidden_size, tower_cfg.num_attention_heads, tower_cfg.intermediate_size = width, heads, mlp
+        shapes[tower] = {"width": width, "heads": heads, "mlp_width": mlp}
     info = StudentInit(
         strategy=strategy,
         vision_layers=v_idx,
@@ -171,8 +213,20 @@ def build_student(
         teacher_vision_depth=n_vision,
         teacher_text_depth=n_text,
         teacher=teacher_name,
+        vision_shape=shapes.get("vision"),
+        text_shape=shapes.get("text"),
+        importance=importance if shapes and not from_scratch else None,
     )
     cfg.distillation_init = asdict(info)
+    plans: dict[str, WidthPlan] = {}
+    if not from_scratch:
+        for tower, layers in (("vision", v_idx), ("text", t_idx)):
+            if tower in shapes:
+                s = shapes[tower]
+                plans[tower] = plan_width(teacher_model, tower, layers, s["width"], s["heads"], s["mlp_width"],
+                                          importance=importance, calibration=calibration)
+        if plans:  # which channels, heads and neurons were kept, in teacher indices
+            cfg.distillation_init["width_plan"] = {tower: p.record() for tower, p in plans.items()}
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -182,18 +236,25 @@ def build_student(
         return student, info
 
     teacher_sd = teacher_model.state_dict()
-    mapping = {"vision_model.encoder.layers.": v_idx, "text_model.encoder.layers.": t_idx}
+    towers = {"vision": ("vision_model.", "visual_projection.", v_idx), "text": ("text_model.", "text_projection.", t_idx)}
     new_sd = {}
     for key in student.state_dict():
-        src = key
-        for prefix, idx in mapping.items():
-            if key.startswith(prefix):
-                layer, rest = key[len(prefix) :].split(".", 1)
-                src = f"{prefix}{idx[int(layer)]}.{rest}"
-                break
+        src, tower, name, layer = key, None, None, None
+        for t, (prefix, projection, idx) in towers.items():
+            if key.startswith(prefix + "encoder.layers."):
+                layer_text, name = key[len(prefix + "encoder.layers.") :].split(".", 1)
+                layer = int(layer_text)
+                src, tower = f"{prefix}encoder.layers.{idx[layer]}.{name}", t
+            elif key.startswith(prefix):
+                tower, name = t, key[len(prefix) :]
+            elif key.startswith(projection):
+                tower, name = t, "projection." + key[len(projection) :]
         if src not in teacher_sd:
             raise KeyError(f"teacher state dict has no {src!r} for student parameter {key!r}")
-        new_sd[key] = teacher_sd[src].detach().to(torch.float32).clone()
+        tensor = teacher_sd[src].detach().to(torch.float32)
+        if tower in plans:
+            tensor = slice_tower_param(name, tensor, plans[tower], layer, shapes[tower]["width"] // shapes[tower]["heads"])
+        new_sd[key] = tensor.clone()
     student.load_state_dict(new_sd, strict=True)
     return student, info
 
