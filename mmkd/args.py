@@ -42,7 +42,7 @@ def config_errors() -> Iterator[None]:
     try:
         yield
     except ValueError as err:
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = _redact(" ".join(str(err).split())) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -54,18 +54,28 @@ def _yaml_argv(cfg: dict, parser: HfArgumentParser, path: Path) -> list[str]:
     unknown = sorted(set(cfg) - set(actions))
     if unknown:
         raise ConfigError(f"config={path}: unknown option(s) {', '.join(unknown)}")
+    # fields typed to take a list although their parser action takes one value (report_to, fsdp): the config's
+    # own __post_init__ reads a list there
+    # (the declared annotation: HfArgumentParser rewrites ``field.type`` to the one type its action parses)
+    list_typed = {name for dc in parser.dataclass_types for klass in dc.__mro__
+                  for name, ann in vars(klass).get("__annotations__", {}).items() if "list" in str(ann)}
     argv: list[str] = []
     for key, value in cfg.items():
         action = actions[key]
         takes_list = action.nargs in ("+", "*")
         if isinstance(value, list) and not takes_list:
-            raise ConfigError(f"{key}={value!r}: expected one value, not a list ({path})")
+            if key not in list_typed:
+                raise ConfigError(f"{key}={value!r}: expected one value, not a list ({path})")
+            parser.set_defaults(**{key: [_cli_value(v) for v in value]})
+            continue
         if value is None:
             parser.set_defaults(**{key: None})
             action.required = False
             continue
-        values = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *(_cli_value(v) for v in values)]
+        if takes_list:
+            argv += [f"--{key}", *(_cli_value(v) for v in (value if isinstance(value, list) else [value]))]
+        else:
+            argv.append(f"--{key}={_cli_value(value)}")  # one token: a value starting with '-' stays a value
     return argv
 
 
@@ -102,8 +112,17 @@ def parse_args(argv: list[str] | None, *dataclass_types) -> tuple:
         return tuple(parser.parse_args_into_dataclasses(args=argv))
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(" ".join(str(err).split())) from None
+            raise ConfigError(_redact(str(err))) from None
+        # "Some specified arguments are not used ...: ['--hub_tokn', 'hf_...']": a mistyped token option's value
+        raise ConfigError(_redact(" ".join(str(err).split()))) from None
+
+
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+
+
+def _redact(text: str) -> str:
+    """``text`` with anything shaped like a Hugging Face token (``hf_`` + 8 or more letters and digits) blanked."""
+    return _TOKEN.sub("hf_***", text)
 
 
 def refuse_token_option(args) -> None:

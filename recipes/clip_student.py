@@ -112,7 +112,7 @@ def validate(
         raise ConfigError("teacher_name_or_path=None: required (the student's architecture is derived from it)")
     check_data_args(data_args)
     if args.resume_from_checkpoint and str(args.resume_from_checkpoint).lower() not in LATEST:
-        resolve_resume(args.resume_from_checkpoint, args.output_dir)  # a path: complete, or refused now
+        resolve_resume(args.resume_from_checkpoint, args.output_dir, require_optimizer=not args.save_only_model)  # a path: complete, or refused now
     return data_args, args
 
 
@@ -126,7 +126,7 @@ def main(
     the run with one line and exit status 2 before anything is loaded."""
     with config_errors():
         data_args, args = validate(argv, config_class, data_class)
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir, require_optimizer=not args.save_only_model)
     # The recipe pushes once, after saving (section 6); Trainer never sees push_to_hub (see the module docstring).
     push_to_hub, args.push_to_hub = args.push_to_hub, False
     start = time.time()

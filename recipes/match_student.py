@@ -112,7 +112,9 @@ def train_and_evaluate(name, model, teacher, cfg, pairs, collator, saveables, ar
         model=model, teacher=teacher, args=cfg, train_dataset=pairs["train"], eval_dataset=pairs["validation"],
         data_collator=collator, compute_metrics=compute_metrics,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir))
+    with config_errors():
+        resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, require_optimizer=not cfg.save_only_model)
+    trainer.train(resume_from_checkpoint=resume)
     train_time = time.time() - start
     trainer.save_model()
     trainer.save_state()
@@ -331,7 +333,7 @@ def validate(argv: list[str] | None = None):
         if len(stages) != 1 or margs.stage == "sweep":
             raise ConfigError(f"resume_from_checkpoint={resume}: a checkpoint path resumes one stage; with "
                               f"--stage {margs.stage} use true or latest (each stage resumes from its own folder)")
-        resolve_resume(resume, Path(resume).parent)
+        resolve_resume(resume, Path(resume).parent, require_optimizer=not base.save_only_model)
     return margs, data_args, base
 
 

@@ -34,7 +34,7 @@ from mmkd.args import config_errors, import_script, parse_args
 from mmkd.checks import ConfigError, at_least, integer_at_least, optional, run_checks
 from mmkd.distributed import shutdown
 from mmkd.trainers import CLIPDistillationConfig
-from mmkd.trainers.checkpoints import latest_checkpoint
+from mmkd.trainers.checkpoints import IncompleteCheckpoint, latest_checkpoint
 
 RECIPES = Path(__file__).resolve().parent
 clip_student = import_script(RECIPES / "clip_student.py")
@@ -125,7 +125,11 @@ def run_stage(name: str, main, argv: list[str], folder: Path, overwrite: bool, s
         print(f"[{name}] reusing the finished run in {folder} (same arguments; --overwrite true retrains)")
         return json.loads((folder / "training_summary.json").read_text())
     extra: list[str] = []
-    last = latest_checkpoint(folder) if same and not overwrite else None  # complete ones only
+    try:
+        last = latest_checkpoint(folder) if same and not overwrite else None  # complete ones only
+    except IncompleteCheckpoint as err:  # the job's own folder: restart the stage rather than stop
+        print(f"[{name}] {err}: restarting the stage")
+        last = None
     if last is not None:
         print(f"[{name}] resuming the interrupted run from {last}")
         extra = ["--resume_from_checkpoint", str(last)]

@@ -53,14 +53,14 @@ def validate(argv: list[str] | None = None):
     check_teacher_spec(arch.architecture, option="architecture")
     check_data_args(data_args)
     if args.resume_from_checkpoint and str(args.resume_from_checkpoint).lower() not in LATEST:
-        resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        resolve_resume(args.resume_from_checkpoint, args.output_dir, require_optimizer=not args.save_only_model)
     return data_args, arch, args
 
 
 def main(argv: list[str] | None = None) -> dict:
     with config_errors():
         data_args, arch, args = validate(argv)
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir, require_optimizer=not args.save_only_model)
     set_seed(args.seed)
     start = time.time()
 

@@ -83,6 +83,74 @@ def test_resume_values(tmp_path):
         resolve_resume(str(tmp_path / "checkpoint-9"), tmp_path)
 
 
+def _state_and_rng(folder: Path, step: int) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    torch.save({"cpu": torch.random.get_rng_state()}, folder / "rng_state.pth")
+    return folder
+
+
+def test_every_layout_trainer_writes_counts_as_complete(tmp_path):
+    fsdp = _state_and_rng(tmp_path / "fsdp" / "checkpoint-2", 2)  # FSDP: sharded weights and optimizer folders
+    for sub in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (fsdp / sub).mkdir()
+        torch.save({"x": 1}, fsdp / sub / "__0_0.distcp")
+    torch.save({}, fsdp / "scheduler.pt")
+    deepspeed = _state_and_rng(tmp_path / "ds" / "checkpoint-2", 2)  # DeepSpeed: its own folder holds them all
+    (deepspeed / "global_step2").mkdir()
+    torch.save({"x": 1}, deepspeed / "global_step2" / "mp_rank_00_model_states.pt")
+    only_model = tmp_path / "only" / "checkpoint-2"
+    only_model.mkdir(parents=True)
+    (only_model / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    torch.save({"w": torch.zeros(1)}, only_model / "pytorch_model.bin")  # save_only_model, the .bin format
+    assert check_checkpoint(fsdp) == fsdp and check_checkpoint(deepspeed) == deepspeed
+    assert check_checkpoint(only_model, require_optimizer=False) == only_model
+    with pytest.raises(IncompleteCheckpoint, match="optimizer"):
+        check_checkpoint(only_model)
+    (fsdp / "optimizer_0" / "__0_0.distcp").unlink()
+    with pytest.raises(IncompleteCheckpoint, match="optimizer"):
+        check_checkpoint(fsdp)
+
+
+def test_latest_refuses_when_checkpoints_exist_but_none_is_complete(tmp_path):
+    """Training from step 0 over them would rotate them away: the run stops and says so instead."""
+    write_checkpoint(tmp_path / "checkpoint-4", 4)
+    (tmp_path / "checkpoint-4" / "scheduler.pt").unlink()
+    with pytest.raises(IncompleteCheckpoint, match="none of the 1 checkpoint folder"):
+        latest_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="resume_from_checkpoint=latest: none of the 1 .*scheduler.pt"):
+        resolve_resume("latest", tmp_path)
+
+
+def test_trainer_train_true_means_the_latest_complete_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from mmkd.trainers.checkpoints import AtomicCheckpoints
+
+    class Loop:
+        def train(self, resume_from_checkpoint=None, **kwargs):
+            return resume_from_checkpoint
+
+    class Trainer(AtomicCheckpoints, Loop):
+        args = SimpleNamespace(output_dir=str(tmp_path), save_only_model=False)
+
+    for step in (2, 4):
+        write_checkpoint(tmp_path / f"checkpoint-{step}", step)
+    (tmp_path / "checkpoint-4" / "rng_state.pth").unlink()  # Trainer's own finder would pick this one
+    assert Trainer().train(True) == str(tmp_path / "checkpoint-2")
+    assert Trainer().train("latest") == str(tmp_path / "checkpoint-2")
+    assert Trainer().train(None) is None
+
+
+def test_the_staged_state_names_the_final_best_checkpoint(tmp_path):
+    from mmkd.trainers.checkpoints import _fix_best_checkpoint
+
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"global_step": 4, "best_model_checkpoint": str(tmp_path / ".partial/checkpoint-4")}))
+    _fix_best_checkpoint(state, str(tmp_path / "checkpoint-4"))
+    assert json.loads(state.read_text()) == {"global_step": 4, "best_model_checkpoint": str(tmp_path / "checkpoint-4")}
+
+
 def test_a_checkpoint_is_visible_only_once_complete(tmp_path, monkeypatch):
     from mmkd.trainers import CLIPDistillationTrainer
 

@@ -162,3 +162,10 @@ def test_offline_job_checks_every_stage_before_training(tmp_path, capsys, no_mod
         job.main(offline_argv(tmp_path, *extra))
     assert_one_line(capsys, info, expected)
     assert not (tmp_path / "job").exists()
+
+
+def test_valid_yaml_values_are_accepted(tmp_path):
+    """A list where the field takes one (report_to), a value starting with '-': accepted as TrainingArguments does."""
+    recipe = load_recipe("clip_student")
+    _, args = recipe.parse_args(yaml_with(tmp_path, "report_to: [tensorboard]\nrun_name: -odd-name\n"))
+    assert args.report_to == ["tensorboard"] and args.run_name == "-odd-name"

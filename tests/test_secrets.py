@@ -55,3 +55,11 @@ def test_accelerate_launch_prints_no_token_when_the_push_fails(tmp_path):
     assert "returned non-zero exit status" in proc.stderr  # ...and accelerate printed its command line
     assert FAKE_TOKEN not in proc.stdout + proc.stderr
     assert files_holding(out, FAKE_TOKEN) == []
+
+
+def test_a_mistyped_token_option_does_not_echo_the_token(tmp_path, capsys):
+    recipe = load_recipe("clip_student")
+    with pytest.raises(SystemExit) as info:
+        recipe.main(["--config", str(SMOKE), "--output_dir", str(tmp_path / "out"), "--hub_tokn", FAKE_TOKEN])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--hub_tokn" in err and FAKE_TOKEN not in err and "hf_***" in err

@@ -65,11 +65,13 @@ def image_files(dataset, image_column: str) -> list[list] | None:
     import pyarrow.compute as pc
 
     raw = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
-    column = raw.with_format("arrow")[:][image_column]  # (N,) struct<bytes, path>
-    paths = [None if b is not None else p for b, p in zip(pc.struct_field(column, "bytes").to_pylist(),
-                                                             pc.struct_field(column, "path").to_pylist(), strict=True)]
-    if not any(paths):
+    column = raw.data.column(image_column) if raw._indices is None else raw.with_format("arrow")[:][image_column]
+    # (N,) struct<bytes, path>: only the null test touches the bytes, never copied into Python objects
+    by_path = pc.is_null(pc.struct_field(column, "bytes"))
+    if not pc.any(by_path).as_py():
         return None
+    paths = [p if keep else None for p, keep in zip(pc.struct_field(column, "path").to_pylist(), by_path.to_pylist(),
+                                                    strict=True)]
     files = []
     for path in paths:
         try:

@@ -55,9 +55,34 @@ def _safetensors_ok(path: Path) -> bool:
         return False
 
 
+def _nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _weights_problem(path: Path) -> str | None:
+    """``None`` if the model weights are there in a layout ``Trainer`` writes -- safetensors (sharded or not),
+    ``pytorch_model.bin``, a PEFT adapter, FSDP's ``pytorch_model_fsdp_*`` folders, a DeepSpeed ``global_step*``
+    folder -- else the file that is missing or unreadable."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError):
+            return index.name
+        return next((shard for shard in shards if not _safetensors_ok(path / shard)), None)
+    for name, ok in (("adapter_model.safetensors", _safetensors_ok), ("pytorch_model.bin", _torch_file_ok)):
+        if (path / name).exists():
+            return None if ok(path / name) else name
+    if any(_nonempty_dir(d) for d in (*path.glob("pytorch_model_fsdp_*"), *path.glob("global_step*"))):
+        return None
+    return None if _safetensors_ok(path / "model.safetensors") else "model.safetensors"
+
+
 def check_checkpoint(path: str | Path, *, require_optimizer: bool = True) -> Path:
     """``path`` if it is a complete, readable ``Trainer`` checkpoint, else :class:`IncompleteCheckpoint` naming what
-    is missing or unreadable. Without ``require_optimizer`` (``save_only_model``) only state and weights count."""
+    is missing or unreadable. Without ``require_optimizer`` (``save_only_model``) only state and weights count.
+    FSDP (``optimizer_0/``) and DeepSpeed (``global_step*/``, which holds the optimizer and scheduler) layouts
+    count as complete when their folders are there and not empty."""
     path = Path(path)
     if not path.is_dir():
         raise IncompleteCheckpoint(f"{path} is not a checkpoint folder")
@@ -66,21 +91,17 @@ def check_checkpoint(path: str | Path, *, require_optimizer: bool = True) -> Pat
         json.loads(state.read_text())["global_step"]
     except (OSError, ValueError, KeyError):
         raise IncompleteCheckpoint(f"{path}: no readable trainer_state.json") from None
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError):
-            raise IncompleteCheckpoint(f"{path}: unreadable {index.name}") from None
-    else:
-        shards = ["model.safetensors"]
-    for shard in shards:
-        if not _safetensors_ok(path / shard):
-            raise IncompleteCheckpoint(f"{path}: missing or unreadable weights {shard}")
+    missing = _weights_problem(path)
+    if missing:
+        raise IncompleteCheckpoint(f"{path}: missing or unreadable weights {missing}")
     if require_optimizer:
-        for name in ("optimizer.pt", "scheduler.pt"):
-            if not _torch_file_ok(path / name):
-                raise IncompleteCheckpoint(f"{path}: missing or unreadable {name}")
+        deepspeed = any(_nonempty_dir(d) for d in path.glob("global_step*"))
+        optimizer = (deepspeed or _torch_file_ok(path / "optimizer.pt") or _torch_file_ok(path / "optimizer.bin")
+                     or any(_nonempty_dir(d) for d in path.glob("optimizer_*")))
+        if not optimizer:
+            raise IncompleteCheckpoint(f"{path}: missing or unreadable optimizer state (optimizer.pt)")
+        if not deepspeed and not _torch_file_ok(path / "scheduler.pt"):
+            raise IncompleteCheckpoint(f"{path}: missing or unreadable scheduler.pt")
         rng = sorted(path.glob("rng_state*.pth"))
         if not rng or not all(_torch_file_ok(p) for p in rng):
             raise IncompleteCheckpoint(f"{path}: missing or unreadable RNG state (rng_state*.pth)")
@@ -97,11 +118,16 @@ def latest_checkpoint(output_dir: str | Path, *, require_optimizer: bool = True)
         ((int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _STEP.match(p.name))),
         reverse=True,
     )
+    problems = []
     for _, path in steps:
         try:
             return check_checkpoint(path, require_optimizer=require_optimizer)
         except IncompleteCheckpoint as err:
             logger.warning("skipping an incomplete checkpoint: %s", err)
+            problems.append(str(err))
+    if problems:  # checkpoints are there but none is usable: restarting would train over (and rotate away) them
+        raise IncompleteCheckpoint(f"none of the {len(problems)} checkpoint folder(s) in {output_dir} is complete "
+                                   f"({problems[0]}); resume from a path or move them away")
     return None
 
 
@@ -112,7 +138,10 @@ def resolve_resume(value: str | None, output_dir: str | Path, *, require_optimiz
     if value is None or value == "":
         return None
     if str(value).lower() in LATEST:
-        found = latest_checkpoint(output_dir, require_optimizer=require_optimizer)
+        try:
+            found = latest_checkpoint(output_dir, require_optimizer=require_optimizer)
+        except IncompleteCheckpoint as err:
+            raise ValueError(f"resume_from_checkpoint={value}: {err}") from None
         if found is None:
             logger.warning("resume_from_checkpoint=%s: no complete checkpoint in %s; training from the start", value,
                            output_dir)
@@ -129,6 +158,14 @@ class AtomicCheckpoints:
     renamed to its final name when complete, then the usual rotation (``save_total_limit``) runs."""
 
     _staging: Path | None = None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``, with ``resume_from_checkpoint=True`` (or ``"latest"``) meaning the latest *complete*
+        checkpoint (:func:`resolve_resume`), as on the recipes' command line."""
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in LATEST:
+            resume_from_checkpoint = resolve_resume("latest", self.args.output_dir,
+                                                    require_optimizer=not self.args.save_only_model)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
@@ -149,9 +186,11 @@ class AtomicCheckpoints:
         if self.args.should_save:
             if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).parent == staging:
                 self.state.best_model_checkpoint = str(final_dir / Path(self.state.best_model_checkpoint).name)
+                _fix_best_checkpoint(staging / name / "trainer_state.json", self.state.best_model_checkpoint)
             target = final_dir / name
-            if target.exists():
-                shutil.rmtree(target)  # the same step saved again (a resumed run): the new one replaces it
+            old = staging / f"{name}.replaced"
+            if target.exists():  # the same step saved again (a resumed run): moved aside, never half deleted
+                os.replace(target, old)
             os.replace(staging / name, target)
             _fsync_dir(final_dir)
             shutil.rmtree(staging, ignore_errors=True)
@@ -162,6 +201,16 @@ class AtomicCheckpoints:
                 use_mtime=False,
             )
         self.accelerator.wait_for_everyone()
+
+
+def _fix_best_checkpoint(state_file: Path, best: str) -> None:
+    """Point the staged ``trainer_state.json``'s ``best_model_checkpoint`` at the final folder, not the staging one
+    (a resumed run would find no such folder and stop protecting the best checkpoint from rotation)."""
+    state = json.loads(state_file.read_text())
+    state["best_model_checkpoint"] = best
+    tmp = state_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, state_file)
 
 
 def _fsync_dir(path: Path) -> None:
