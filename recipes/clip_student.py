@@ -56,7 +56,8 @@ from mmkd.data.sources import DataArguments, check_data_args, describe_dataset, 
 from mmkd.distributed import shutdown
 from mmkd.reporting.hardware import hardware_description
 from mmkd.students import build_student, count_parameters
-from mmkd.teachers import check_teacher_spec, load_teacher, teacher_depths
+from mmkd.students.width import resolve_width
+from mmkd.teachers import check_teacher_spec, load_teacher, teacher_shapes
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
 from mmkd.trainers.checkpoints import LATEST, resolve_resume
 
@@ -71,22 +72,41 @@ def parse_args(
     return recipe_args.parse_args(argv, data_class, config_class)
 
 
-def build_models(args: CLIPDistillationConfig):
-    """Load the frozen teacher and build its student (a stock CLIPModel) with the student's processor."""
+def build_models(args: CLIPDistillationConfig, calibration_rows: list[dict] | None = None,
+                 image_column: str = "image", text_column: str = "text"):
+    """Load the frozen teacher and build its student (a stock CLIPModel of the requested depth and width) with the
+    student's processor. ``calibration_rows`` (training rows) rank the units a narrower student keeps when
+    ``student_width_importance`` is ``activation``."""
     teacher = load_teacher(args.teacher_name_or_path, pretrained=args.teacher_pretrained, backend=args.teacher_backend)
     full = teacher.to_transformers()
     processor = teacher.transformers_processor()
+    calibration = None
+    if args.student_width_importance == "activation" and calibration_rows:
+        calibration = processor(images=[row[image_column].convert("RGB") for row in calibration_rows],
+                                text=[row[text_column] for row in calibration_rows], return_tensors="pt",
+                                padding="max_length", truncation=True,
+                                max_length=full.config.text_config.max_position_embeddings)
     student, init = build_student(
         full,
         vision_depth=args.student_vision_layers,
         text_depth=args.student_text_layers,
         strategy=args.student_init,
+        **args.student_shape_options(),
+        importance=args.student_width_importance,
+        calibration=calibration,
         teacher_name=teacher.name,
         seed=args.seed,
         strategies=args.layer_strategies,
     )
     counts = {"teacher": count_parameters(full), "student": count_parameters(student)}
     return teacher, student, processor, init, counts
+
+
+def calibration_rows(dataset, n: int) -> list[dict]:
+    """The first ``n`` rows of a map-style or streaming training set."""
+    if hasattr(dataset, "select"):
+        return [dataset[i] for i in range(min(n, len(dataset)))]
+    return list(dataset.take(n))
 
 
 def validate(
@@ -102,12 +122,14 @@ def validate(
     refuse_token_option(args)
     if check_teacher:
         check_teacher_spec(args.teacher_name_or_path, args.teacher_pretrained, args.teacher_backend)
-        depths = teacher_depths(args.teacher_name_or_path)
-        for tower, depth, teacher_depth in zip(("vision", "text"), (args.student_vision_layers,
-                                                                    args.student_text_layers), depths or (), strict=False):
-            if depth is not None and depth >= teacher_depth:
-                raise ConfigError(f"student_{tower}_layers={depth}: the teacher has {teacher_depth} {tower} layers; "
+        shapes = teacher_shapes(args.teacher_name_or_path) or {}
+        options = args.student_shape_options()
+        for tower, shape in shapes.items():
+            depth = getattr(args, f"student_{tower}_layers")
+            if depth is not None and depth >= shape.layers:
+                raise ConfigError(f"student_{tower}_layers={depth}: the teacher has {shape.layers} {tower} layers; "
                                   "a student has fewer")
+            resolve_width(shape, tower, *(options[f"{tower}_{dim}"] for dim in ("width", "heads", "mlp_width")))
     elif args.teacher_name_or_path is None:
         raise ConfigError("teacher_name_or_path=None: required (the student's architecture is derived from it)")
     check_data_args(data_args)
@@ -137,7 +159,9 @@ def main(
 
     # 3. Teacher and student ----------------------------------------------------------------------------------------
     set_seed(args.seed)
-    teacher, student, processor, init, counts = build_models(args)
+    rows = (calibration_rows(train_dataset, args.calibration_samples)
+            if args.student_width_importance == "activation" else None)
+    teacher, student, processor, init, counts = build_models(args, rows, data_args.image_column, data_args.text_column)
     teacher_params, student_params = counts["teacher"], counts["student"]
     use_cache = data_args.teacher_cache_dir is not None and args.needs_teacher
     if use_cache:

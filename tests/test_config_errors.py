@@ -75,6 +75,13 @@ CLIP_CASES = [
     (["--teacher_cache_dir", "cache", "--streaming", "true"], "teacher_cache_dir=cache: the cache needs a map-style"),
     (["--resume_from_checkpoint", "/missing/checkpoint-3"], "resume_from_checkpoint=/missing/checkpoint-3: "),
     (["--max_train_samples", "0"], "max_train_samples=0: must be an integer >= 1"),
+    (["--student_vision_width", "96"], "student_vision_width=96: wider than the teacher's vision width 64"),
+    (["--student_text_width", "48", "--student_text_heads", "5"], "student_text_heads=5: more than the teacher's 2"),
+    (["--student_vision_width", "45", "--student_vision_heads", "2"],
+     "student_vision_heads=2: student_vision_width=45 is not divisible by it"),
+    (["--student_text_mlp_width", "512"], "student_text_mlp_width=512: wider than the teacher's text MLP width 256"),
+    (["--student_vision_heads", "0"], "student_vision_heads=0: must be an integer >= 1"),
+    (["--student_width_importance", "taylor"], "student_width_importance='taylor': choose one of magnitude"),
 ]
 
 

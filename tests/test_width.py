@@ -4,6 +4,7 @@ it is exact (keeping everything; dropping units whose outgoing weights are zero)
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +233,28 @@ def test_default_heads_and_mlp_follow_the_teacher():
     assert resolve_width(TEACHER, "vision", width=32) == (32, 2, 64)  # head size 16 kept, MLP ratio 2 kept
     assert resolve_width(TEACHER, "vision", width=36, heads=4) == (36, 4, 72)
     assert resolve_width(TowerShape(6, 192, 3, 768), "text", width=96) == (96, 3, 384)  # the demo's 3 heads of 64
+
+
+def test_the_recipe_builds_trains_and_exports_a_narrow_student(tmp_path):
+    """The command line of the issue on the smoke teacher: a narrow, activation-ranked student is trained, saved as a
+    stock CLIPModel, carries its plan and its shape on the card, and exports to open_clip."""
+    from mmkd.interop.to_open_clip import export_open_clip
+    from mmkd.reporting.cards import clip_student_card_data, render_clip_student_card
+    from tests.conftest import REPO, load_recipe
+
+    out = tmp_path / "narrow"
+    load_recipe("clip_student").main([
+        "--config", str(REPO / "recipes/configs/smoke.yaml"), "--output_dir", str(out), "--max_steps", "2",
+        "--num_generated_examples", "16", "--per_device_train_batch_size", "8", "--report_to", "none",
+        "--use_cpu", "true", "--student_vision_width", "32", "--student_text_width", "32",
+        "--student_text_mlp_width", "48", "--student_width_importance", "activation", "--calibration_samples", "8"])
+    student = CLIPModel.from_pretrained(out)
+    vc, tc = student.config.vision_config, student.config.text_config
+    assert (vc.hidden_size, vc.num_attention_heads, vc.intermediate_size, vc.num_hidden_layers) == (32, 1, 128, 2)
+    assert (tc.hidden_size, tc.num_attention_heads, tc.intermediate_size) == (32, 1, 48)
+    plan = student.config.distillation_init["width_plan"]
+    assert plan["vision"]["importance"] == "activation" and len(plan["text"]["mlp"][0]) == 48
+    card = str(render_clip_student_card(clip_student_card_data(out)))
+    assert "vision: width 32, 1 heads, MLP width 128" in card and "`activation`" in card
+    paths = export_open_clip(out, tmp_path / "open_clip")  # verified: open_clip's embeddings equal the CLIPModel's
+    assert all(Path(p).is_file() for p in paths.values())

@@ -185,6 +185,25 @@ def clip_student_card_data(
     )
 
 
+def _width_lines(init: dict[str, Any]) -> list[str]:
+    """One line per narrowed tower: its width, heads and MLP width."""
+    lines = []
+    for tower in ("vision", "text"):
+        shape = init.get(f"{tower}_shape")
+        if shape:
+            lines.append(f"{tower}: width {shape['width']}, {shape['heads']} heads, MLP width {shape['mlp_width']}")
+    return lines if init.get("importance") else []
+
+
+def _shape_text(init: dict[str, Any]) -> str:
+    narrowed = [t for t in ("vision", "text") if init.get(f"{t}_shape")]
+    if not narrowed:
+        return "the half-depth version of"
+    dims = "; ".join(f"{t} width {init[f'{t}_shape']['width']}, {init[f'{t}_shape']['heads']} heads, MLP "
+                     f"{init[f'{t}_shape']['mlp_width']}" for t in narrowed)
+    return f"a shallower, narrower ({dims}) version of"
+
+
 def render_clip_student_card(data: CLIPStudentCard, template: str | Path | None = None) -> ModelCard:
     """Render the CLIP student card (metadata through ``ModelCardData``; the results as ``model-index``)."""
     eval_results = []
@@ -218,6 +237,9 @@ def render_clip_student_card(data: CLIPStudentCard, template: str | Path | None 
         vision_layer_list=init["vision_layers"],
         text_layer_list=init["text_layers"],
         strategy=init["strategy"],
+        width_lines=_width_lines(init),
+        importance=f"`{init.get('importance')}`",
+        shape_text=_shape_text(init),
         init_seed=data.hyperparameters.get("seed", "n/a"),
         has_teacher_scores=any(r.get("teacher_acc1") is not None for r in data.zeroshot),
         zeroshot_protocol="CLIP_benchmark's protocol: class embedding = normalised mean of the normalised "

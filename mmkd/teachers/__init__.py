@@ -42,7 +42,7 @@ __all__ = [
     "load_teacher",
     "load_transformers_clip",
     "resolve_backend",
-    "teacher_depths",
+    "teacher_shapes",
 ]
 
 
@@ -176,17 +176,22 @@ def check_teacher_spec(name_or_path: str | None, pretrained: str | None = None, 
         raise ConfigError(f"teacher_pretrained={pretrained}: no such file")
 
 
-def teacher_depths(name_or_path: str) -> tuple[int, int] | None:
-    """The teacher's (vision, text) layer counts from its config alone, without its weights; ``None`` when only
-    loading would tell (a hub id)."""
+def teacher_shapes(name_or_path: str) -> dict | None:
+    """The teacher's ``{"vision": TowerShape, "text": TowerShape}`` (layers, width, heads, MLP width) from its config
+    alone, without its weights; ``None`` when only loading would tell (a hub id)."""
+    from mmkd.students.width import TowerShape
+
     spec = str(name_or_path)
     local = Path(spec.removeprefix("local-dir:"))
     try:
         if local.is_dir() and (local / "config.json").is_file():
             cfg = json.loads((local / "config.json").read_text())
-            if cfg.get("model_type") == "clip":
-                return cfg["vision_config"]["num_hidden_layers"], cfg["text_config"]["num_hidden_layers"]
-            return None
+            if cfg.get("model_type") != "clip":
+                return None
+            from transformers import CLIPConfig
+
+            clip = CLIPConfig.from_dict(cfg)  # transformers' defaults for keys the file leaves out
+            return {"vision": TowerShape.of(clip.vision_config), "text": TowerShape.of(clip.text_config)}
         if local.is_dir() and (local / "open_clip_config.json").is_file():
             cfg = json.loads((local / "open_clip_config.json").read_text())["model_cfg"]
         elif spec.endswith(".json") and local.is_file():
@@ -199,6 +204,15 @@ def teacher_depths(name_or_path: str) -> tuple[int, int] | None:
                 return None
         else:
             return None
-        return int(cfg["vision_cfg"]["layers"]), int(cfg["text_cfg"]["layers"])
+        # open_clip's defaults (CLIPVisionCfg / CLIPTextCfg) for keys a config leaves out
+        v, t = cfg["vision_cfg"], cfg["text_cfg"]
+        if not isinstance(v.get("layers", 12), int):
+            return None  # a ResNet tower: no transformer shape
+        vw, tw = int(v.get("width", 768)), int(t.get("width", 512))
+        return {
+            "vision": TowerShape(int(v.get("layers", 12)), vw, vw // int(v.get("head_width", 64)),
+                                 int(vw * float(v.get("mlp_ratio", 4.0)))),
+            "text": TowerShape(int(t.get("layers", 12)), tw, int(t.get("heads", 8)), int(tw * float(t.get("mlp_ratio", 4.0)))),
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return None

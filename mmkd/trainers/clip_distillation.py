@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from mmkd.checks import at_least, greater_than, one_of, optional
+from mmkd.checks import at_least, greater_than, integer_at_least, one_of, optional
 from mmkd.losses import LossInputs
 from mmkd.losses.clip import (
     AffinityDistillationLoss,
@@ -27,6 +27,7 @@ from mmkd.losses.clip import (
     TripletLoss,
 )
 from mmkd.students.clip import STRATEGIES
+from mmkd.students.width import IMPORTANCE
 from mmkd.teachers import BACKENDS
 from mmkd.trainers.base import DistillationConfig, DistillationTrainer, LossTerm
 
@@ -91,6 +92,10 @@ class CLIPDistillationConfig(DistillationConfig):
         "teacher_backend": lambda v: one_of("auto", *BACKENDS)(v),
         "student_vision_layers": optional(at_least(1)),
         "student_text_layers": optional(at_least(1)),
+        **{f"student_{tower}_{dim}": optional(integer_at_least(1))
+           for tower in ("vision", "text") for dim in ("width", "heads", "mlp_width")},
+        "student_width_importance": one_of(*IMPORTANCE),
+        "calibration_samples": integer_at_least(1),
     }
 
     # -- teacher ----------------------------------------------------------------------------------------------
@@ -115,6 +120,36 @@ class CLIPDistillationConfig(DistillationConfig):
         default="every_other",
         metadata={"help": f"Which teacher layers the student copies: {', '.join(STRATEGIES)} (random: from scratch)."},
     )
+    student_vision_width: int | None = field(
+        default=None, metadata={"help": "Student vision hidden width; default the teacher's (narrower: weights sliced)."}
+    )
+    student_text_width: int | None = field(
+        default=None, metadata={"help": "Student text hidden width; default the teacher's (narrower: weights sliced)."}
+    )
+    student_vision_heads: int | None = field(
+        default=None, metadata={"help": "Student vision heads; default keeps the teacher's head size if it divides "
+                                "the width, else its head count."}
+    )
+    student_text_heads: int | None = field(default=None, metadata={"help": "Student text heads (as for vision)."})
+    student_vision_mlp_width: int | None = field(
+        default=None, metadata={"help": "Student vision MLP width; default the width times the teacher's MLP ratio."}
+    )
+    student_text_mlp_width: int | None = field(
+        default=None, metadata={"help": "Student text MLP width; default the width times the teacher's MLP ratio."}
+    )
+    student_width_importance: str = field(
+        default="magnitude",
+        metadata={"help": f"Which channels, heads and neurons a narrower student keeps: {', '.join(IMPORTANCE)} "
+                  "(activation: measured on calibration_samples training rows; first: TinyCLIP's front slices)."},
+    )
+    calibration_samples: int = field(
+        default=64, metadata={"help": "Training rows whose teacher activations rank units (importance=activation)."}
+    )
+
+    def student_shape_options(self) -> dict[str, int | None]:
+        """The width options as :func:`mmkd.students.build_student` keywords (``vision_width=...``)."""
+        return {f"{tower}_{dim}": getattr(self, f"student_{tower}_{dim}")
+                for tower in ("vision", "text") for dim in ("width", "heads", "mlp_width")}
     # -- loss ---------------------------------------------------------------------------------------------------
     triplet_weight: float = field(default=1.0, metadata={"help": "Weight of each triplet direction (0 disables)."})
     triplet_margin: float = field(default=0.2, metadata={"help": "Triplet margin, in cosine similarity."})
