@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmkd-installed
 
-.PHONY: demo smoke test test-slow lint clean
+.PHONY: demo study smoke test test-slow lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,24 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 recipes/offline_job.py \
 		--config recipes/configs/offline_job.yaml
+
+# A second command, after `make demo` (it reuses the demo's teacher): a narrow 3+3-layer, width-96 student distilled
+# from it, its from-scratch twin (same shape, random init, the demo's scratch recipe), and the compression report
+# with magnitude and structured pruning of the teacher. About 8 minutes on 2 CPU cores.
+NARROW := --student_vision_layers 3 --student_text_layers 3 --student_vision_width 96 --student_text_width 96
+study: $(STAMP)
+	test -f out/offline/teacher/config.json || { echo "run make demo first (the study reuses its teacher)" >&2; exit 2; }
+	$(VENV)/bin/accelerate launch --num_processes 1 recipes/clip_student.py \
+		--config recipes/configs/fashion_mnist_student.yaml --teacher_name_or_path out/offline/teacher \
+		$(NARROW) --output_dir out/study/narrow
+	$(VENV)/bin/accelerate launch --num_processes 1 recipes/clip_student.py \
+		--config recipes/configs/fashion_mnist_student.yaml --teacher_name_or_path out/offline/teacher \
+		$(NARROW) --student_init random --triplet_weight 0 --image_distill_weight 0 --text_distill_weight 0 \
+		--contrastive_weight 1.0 --affinity_weight 0 --learning_rate 0.001 --output_dir out/study/narrow-scratch
+	$(VENV)/bin/mmkd report --teacher out/offline/teacher --student out/offline/distilled \
+		--student out/study/narrow --student out/study/narrow-scratch \
+		--prune magnitude:0.3,0.5,0.7 --prune structured:0.5 --dataset fashion_mnist \
+		--plot out/study/report.png --json out/study/report.json --markdown out/study/report.md
 
 smoke: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 recipes/clip_student.py \

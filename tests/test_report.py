@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
 
 CLASSES = ["red", "green", "blue", "yellow", "white"]  # >= 5 classes, so acc@5 is reported
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 30), (240, 240, 240)]
-ROWS = ["teacher", "student", "student int8"]
+ROWS = ["teacher", "teacher int8", "student", "student int8"]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,9 @@ def test_parameters_and_rows(open_clip_teacher, pair):
     teacher_params = sum(p.numel() for p in open_clip_teacher.to_transformers().parameters())
     assert teacher_params == open_clip_teacher.num_parameters()  # the conversion is weight for weight
     student_params = sum(p.numel() for p in CLIPModel.from_pretrained(pair["student"]).parameters())
-    assert rows["teacher"]["parameters"] == teacher_params
+    assert rows["teacher"]["parameters"] == rows["teacher int8"]["parameters"] == teacher_params
     assert rows["student"]["parameters"] == rows["student int8"]["parameters"] == student_params
+    assert rows["student int8"]["source"] == "student" and rows["student"]["source"] == "teacher"
     assert rows["teacher"]["layers"] == "4+4" and rows["student"]["layers"] == "2+2"
     for row in rows.values():
         assert row["image_per_s"] > 0 and row["text_per_s"] > 0 and row["size_bytes"] > 0
@@ -252,13 +253,14 @@ def test_markdown_json_and_plot_agree(cli_report):
     for cells, row in zip(table, report["rows"], strict=True):
         assert cells == table_cells(row)
         # the cells are the dict's numbers, not something recomputed
-        assert cells[2].replace(",", "") == str(row["parameters"])
-        assert float(cells[3]) == pytest.approx(row["size_bytes"] / 1e6, abs=0.005)
-        assert float(cells[4]) == pytest.approx(row["image_per_s"], abs=0.05)
-        assert float(cells[5]) == pytest.approx(row["text_per_s"], abs=0.05)
-        assert float(cells[6].rstrip("×")) == pytest.approx(row["image_speedup"], abs=0.005)
-        assert float(cells[8]) == pytest.approx(100 * row["acc1"], abs=0.005)
-        assert float(cells[9]) == pytest.approx(100 * row["acc5"], abs=0.005)
+        assert cells[3].replace(",", "") == str(row["parameters"])
+        assert cells[4].replace(",", "") == str(row["nonzero_parameters"])
+        assert float(cells[5]) == pytest.approx(row["size_bytes"] / 1e6, abs=0.005)
+        assert float(cells[7]) == pytest.approx(row["image_per_s"], abs=0.05)
+        assert float(cells[8]) == pytest.approx(row["text_per_s"], abs=0.05)
+        assert float(cells[9].rstrip("×")) == pytest.approx(row["image_speedup"], abs=0.005)
+        assert float(cells[11]) == pytest.approx(100 * row["acc1"], abs=0.005)
+        assert float(cells[12]) == pytest.approx(100 * row["acc5"], abs=0.005)
         assert row["image_spread"] == max(row["image_seconds"]) / min(row["image_seconds"]) >= 1
     assert "Timing spread" in markdown and "CPU share during the timing" in markdown
     assert report["machine"]["cpu_share"] > 0
@@ -278,7 +280,7 @@ def test_dataset_none_skips_accuracy(pair, tmp_path, capsys):
     assert [r["model"] for r in report["rows"]] == ["teacher", "student"]
     assert all(r["acc1"] is None for r in report["rows"])
     table = _table_rows(capsys.readouterr().out)
-    assert all(cells[8] == cells[9] == "n/a" for cells in table)
+    assert all(cells[11] == cells[12] == "n/a" for cells in table)
     assert set(compression_plot(report, tmp_path / "p.png")) == {"image_per_s"}
 
 

@@ -2,6 +2,8 @@
 
     mmkd report --teacher out/offline/teacher --student out/offline/distilled --dataset fashion_mnist \\
         --plot report.png --json report.json --markdown report.md
+    mmkd report --teacher out/offline/teacher --student out/offline/distilled --student out/narrow \\
+        --prune magnitude:0.3,0.5,0.7 --prune structured:0.5 --dataset fashion_mnist --plot report.png
 """
 
 from __future__ import annotations
@@ -14,18 +16,23 @@ from pathlib import Path
 from mmkd.cli import CommandError
 from mmkd.reporting.compression import compression_report, format_report
 from mmkd.reporting.plots import compression_plot
+from mmkd.reporting.pruning import parse_prune_spec
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Compression report: parameters, size on disk, image/text encoding throughput and zero-shot "
-        "accuracy of a CLIP teacher, its distilled student and the student quantized to int8.",
+        "accuracy of a CLIP teacher, its students, their int8 copies and pruned copies of the teacher.",
     )
     p.add_argument("--teacher", required=True, help="teacher: open_clip name / *.json / checkpoint, or a "
                    "transformers CLIPModel folder or hub id (anything mmkd.teachers.load_teacher takes)")
     p.add_argument("--teacher-pretrained", default=None, help="open_clip pretrained tag or checkpoint for --teacher")
-    p.add_argument("--student", required=True, help="the student's save_pretrained folder")
+    p.add_argument("--student", required=True, action="append", help="a student's save_pretrained folder; repeat "
+                   "for several (rows named by folder)")
+    p.add_argument("--prune", action="append", default=[], metavar="METHOD:LEVELS", help="prune copies of the "
+                   "teacher without retraining: magnitude:0.3,0.5 (unstructured, global) or structured:0.5 "
+                   "(channels and neurons); repeatable")
     p.add_argument("--dataset", default="none", help="none (skip accuracy), fashion_mnist, cifar10, cifar100, "
                    "stl10, an image folder, or a Hub id (default: none)")
     p.add_argument("--data-dir", default=None, help="folder holding the named dataset's files")
@@ -37,7 +44,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--text-length", type=int, default=None, help="tokens per synthetic text (default: the "
                    "context length)")
     p.add_argument("--eval-batch-size", type=int, default=256, help="batch size of the accuracy pass")
-    p.add_argument("--no-int8", action="store_true", help="skip the int8 row")
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
     p.add_argument("--plot", default=None, metavar="report.png", help="write the accuracy-vs-size plot here")
     p.add_argument("--json", default=None, metavar="report.json", help="write the report dict as JSON here")
     p.add_argument("--markdown", default=None, metavar="report.md", help="write the Markdown table here")
@@ -61,13 +68,20 @@ def run(args: argparse.Namespace, prog: str) -> int:
         if value is not None and Path(value).is_dir():
             raise CommandError(f"{option} {value!r} is a directory, not a file name")
 
+    prune = []
+    for spec in args.prune:
+        try:
+            prune += parse_prune_spec(spec)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+
     def log(msg: str) -> None:
         if not args.no_progress:
             print(f"[{prog}] {msg}", file=sys.stderr, flush=True)
 
     report = compression_report(
         args.teacher,
-        args.student,
+        args.student if len(args.student) > 1 else args.student[0],
         args.dataset,
         teacher_pretrained=args.teacher_pretrained,
         data_dir=args.data_dir,
@@ -78,6 +92,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
         text_length=args.text_length,
         eval_batch_size=args.eval_batch_size,
         quantize=not args.no_int8,
+        prune=prune,
         progress=not args.no_progress,
         log=log,
     )

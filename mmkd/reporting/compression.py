@@ -1,4 +1,4 @@
-"""Compression report: teacher vs half-depth student vs the student quantized to int8, side by side.
+"""Compression report: teacher, students, int8 copies and pruned teachers, side by side.
 
 What distillation buys, measured the way a deployment sees it, for the teacher (as its transformers twin, so every
 row runs the same ``CLIPModel`` code), the student and a dynamic-int8 copy of the student: parameters; bytes on
@@ -22,6 +22,7 @@ import copy
 import json
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,15 @@ from torch import nn
 
 from mmkd.checks import HUB_ID
 from mmkd.reporting.hardware import machine_info
+from mmkd.reporting.pruning import (
+    PRUNING_HOW,
+    PRUNING_METHODS,
+    magnitude_prune,
+    nonzero_parameters,
+    prunable_sparsity,
+    sparse_size,
+    structured_prune,
+)
 from mmkd.reporting.tables import fmt, markdown_table, pct
 from mmkd.reporting.timing import interleaved_times, median_rate, time_summary
 
@@ -309,21 +319,39 @@ def _layers(model: nn.Module) -> str:
     return f"{cfg.vision_config.num_hidden_layers}+{cfg.text_config.num_hidden_layers}"
 
 
+def _widths(model: nn.Module) -> str:
+    cfg = model.config
+    return f"{cfg.vision_config.hidden_size}/{cfg.text_config.hidden_size}"
+
+
+def _student_labels(students: list[Any]) -> list[str]:
+    """``student`` for one student; each folder's name (made unique) for several."""
+    if len(students) == 1:
+        return ["student"]
+    labels = []
+    for i, spec in enumerate(students):
+        label = Path(spec).name if isinstance(spec, (str, Path)) else f"student {i + 1}"
+        labels.append(label if label not in labels and label != "teacher" else f"{label} ({i + 1})")
+    return labels
+
+
 def compression_report(
     teacher: Any, student: Any, dataset: Any = None, *, teacher_pretrained: str | None = None,
     teacher_processor: Any = None, student_processor: Any = None, data_dir: str | None = None,
     max_examples: int | None = None, batch_size: int = 32, repeats: int = 5, warmup: int = 1,
-    text_length: int | None = None, eval_batch_size: int = 256, quantize: bool = True, progress: bool = False,
-    log=None,
+    text_length: int | None = None, eval_batch_size: int = 256, quantize: bool = True,
+    prune: Sequence[tuple[str, float]] = (), progress: bool = False, log=None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Measure teacher, student and int8 student; returns a JSON-able dict (see :func:`format_report`).
+    """Measure the teacher, its students, their int8 copies and pruned copies of the teacher; returns a JSON-able
+    dict (see :func:`format_report`).
 
     Args:
         teacher: anything :func:`mmkd.teachers.load_transformers_clip` takes (open_clip name / json / checkpoint,
             transformers folder or hub id), a ``CLIPTeacher``, or a ``CLIPModel`` with ``teacher_processor``. It is
             measured as its transformers twin (``to_transformers()``), so all rows run the same code.
         student: a ``save_pretrained`` folder with its processor files (loaded the same way; ``student_processor``
-            replaces the folder's), or a ``CLIPModel`` with ``student_processor``.
+            replaces the folder's), or a ``CLIPModel`` with ``student_processor``; or a list of folders (rows named
+            by folder).
         dataset: ``None`` / ``"none"`` (no accuracy), ``"fashion_mnist"`` (offline test split, mmkd's templates),
             a name or path for :func:`mmkd.eval.datasets.load_classification_dataset`, or a dataset object of
             ``(PIL image, label)`` pairs with ``.classnames``.
@@ -331,7 +359,9 @@ def compression_report(
         data_dir, max_examples: where a named dataset's files are; evaluate on at most this many images.
         batch_size, repeats, warmup, text_length: throughput settings (:func:`measure_throughput`).
         eval_batch_size: images / prompts per batch in the accuracy pass (does not change the numbers).
-        quantize: add the int8 row.
+        quantize: add an int8 row for the teacher and for each student.
+        prune: ``(method, level)`` pairs (:func:`mmkd.reporting.pruning.parse_prune_spec`): a pruned copy of the
+            teacher per pair, without retraining -- ``magnitude`` (unstructured, global) or ``structured``.
         progress: progress bars in the accuracy pass.
         log: called with a line per stage (e.g. ``print``), or None.
 
@@ -341,8 +371,15 @@ def compression_report(
     _check_counts(
         batch_size=(batch_size, 1), repeats=(repeats, 1), warmup=(warmup, 0), eval_batch_size=(eval_batch_size, 1)
     )
-    if isinstance(student, (str, Path)):
-        _check_student_dir(Path(student))
+    students = list(student) if isinstance(student, (list, tuple)) else [student]
+    if not students:
+        raise ValueError("no student to report on")
+    for spec in students:
+        if isinstance(spec, (str, Path)):
+            _check_student_dir(Path(spec))
+    for method, level in prune:
+        if method not in PRUNING_METHODS or not 0 < level < 1:
+            raise ValueError(f"prune=({method!r}, {level}): method one of {', '.join(PRUNING_METHODS)}, level in (0, 1)")
     if isinstance(teacher, (str, Path)):
         from mmkd.teachers import resolve_backend
 
@@ -357,30 +394,54 @@ def compression_report(
 
     say(f"loading teacher {teacher}")
     t_model, t_proc, t_name = _teacher_model(teacher, teacher_pretrained, teacher_processor)
-    say(f"loading student {student}")
-    s_model, s_proc, s_name = _student_model(student, student_processor)
-    models = [("teacher", t_name, t_model, t_proc), ("student", s_name, s_model, s_proc)]
+    # (label, name, model, processor, technique, source label, model whose Parameters count)
+    models = [("teacher", t_name, t_model, t_proc, "teacher", None, t_model)]
     if quantize:
-        say("quantizing the student to int8")
-        models.append(("student int8", f"{s_name} (int8)", quantize_int8(s_model), s_proc))
+        say("quantizing the teacher to int8")
+        models.append(("teacher int8", f"{t_name} (int8)", quantize_int8(t_model), t_proc, "int8", "teacher", t_model))
+    for method, level in prune:
+        label = f"teacher {method} {level:.0%}"
+        say(f"pruning the teacher: {method} {level:.0%}")
+        pruned = magnitude_prune(t_model, level) if method == "magnitude" else structured_prune(t_model, level)[0]
+        models.append((label, f"{t_name} ({method} pruning {level:.0%})", _frozen(pruned), t_proc,
+                       f"{method} pruning", "teacher", pruned))
+    labels = _student_labels(students)
+    s_names = []
+    for spec, label in zip(students, labels, strict=True):
+        say(f"loading student {spec}")
+        s_model, s_proc, s_name = _student_model(spec, student_processor)
+        s_names.append(s_name)
+        models.append((label, s_name, s_model, s_proc, "student", "teacher", s_model))
+        if quantize:
+            say(f"quantizing {label} to int8")
+            models.append((f"{label} int8", f"{s_name} (int8)", quantize_int8(s_model), s_proc, "int8", label,
+                           s_model))
 
     say(f"throughput: {repeats} interleaved repeats of batch {batch_size} per encoder")
-    speeds = compare_throughput({label: model for label, _, model, _ in models}, batch_size=batch_size,
-                                repeats=repeats, warmup=warmup, text_length=text_length)
+    speeds = compare_throughput({m[0]: m[2] for m in models}, batch_size=batch_size, repeats=repeats,
+                                warmup=warmup, text_length=text_length)
     rows = []
-    for label, name, model, proc in models:
+    for label, name, model, proc, technique, source, counted in models:
         say(f"{label}: size on disk")
         size_bytes, size_format = size_on_disk(model)
         speed = speeds[label]
+        quantized = _is_quantized(model)
         row: dict[str, Any] = {
             "model": label,
             "name": name,
+            "technique": technique,
+            "source": source,
             "layers": _layers(model),
+            "widths": _widths(model),
             # an int8 copy has the same weights as its source, packed; its Linear weights are no longer Parameters
-            "parameters": sum(p.numel() for p in (s_model if label == "student int8" else model).parameters()),
+            "parameters": sum(p.numel() for p in counted.parameters()),
+            "nonzero_parameters": nonzero_parameters(counted),
+            "linear_sparsity": prunable_sparsity(counted),
             "size_bytes": size_bytes,
             "size_mb": size_bytes / 1e6,
             "size_format": size_format,
+            # the Linear weights stored as CSR: what the zeros of a magnitude-pruned model could save (n/a for int8)
+            "sparse_size_mb": None if quantized else sparse_size(model) / 1e6,
             **{key: speed[key] for key in SPEED_KEYS},
             # slowest / fastest timed batch: near 1 on a quiet machine, well above it when something else ran
             "image_spread": time_summary(speed["image_seconds"])["spread"],
@@ -414,7 +475,7 @@ def compression_report(
     return {
         "teacher": t_name,
         "teacher_pretrained": teacher_pretrained,
-        "student": s_name,
+        "student": s_names[0] if len(s_names) == 1 else s_names,
         "dataset": dataset_info,
         "settings": {
             "batch_size": batch_size,
@@ -423,6 +484,7 @@ def compression_report(
             "interleaved": True,
             "text_length": rows[0]["text_length"],
             "quantization": QUANTIZATION if quantize else None,
+            "pruning": [{"method": m, "level": lv, "how": PRUNING_HOW[m]} for m, lv in prune],
         },
         # other processes' CPU use slows every row alike (the models are interleaved): the CPU share tells
         # whether the absolute rates are this machine's or a shared machine's
@@ -432,8 +494,9 @@ def compression_report(
 
 
 TABLE_HEADER = (
-    "model", "layers (vision+text)", "parameters", "size on disk (MB)", "image enc/s", "text enc/s",
-    "image speed-up vs teacher", "text speed-up vs teacher", "acc@1 (%)", "acc@5 (%)",
+    "model", "layers (vision+text)", "widths (vision/text)", "parameters", "non-zero parameters",
+    "size on disk (MB)", "sparse size (MB)", "image enc/s", "text enc/s", "image speed-up vs teacher",
+    "text speed-up vs teacher", "acc@1 (%)", "acc@5 (%)",
 )  # fmt: skip
 
 
@@ -442,8 +505,11 @@ def table_cells(row: dict[str, Any]) -> list[str]:
     return [
         row["model"],
         row["layers"],
+        row["widths"],
         fmt(row["parameters"], ","),
+        fmt(row["nonzero_parameters"], ","),
         fmt(row["size_mb"]),
+        fmt(row["sparse_size_mb"]),
         fmt(row["image_per_s"], ".1f"),
         fmt(row["text_per_s"], ".1f"),
         f"{fmt(row['image_speedup'])}×",
@@ -485,7 +551,18 @@ def format_report(report: dict[str, Any]) -> str:
     else:
         lines.append("Zero-shot accuracy: not measured (no dataset).")
     if s.get("quantization"):
-        lines.append(f"int8: `{s['quantization']}` on a copy of the student.")
+        lines.append(f"int8: `{s['quantization']}` on a copy of the teacher and of each student.")
+    for p in s.get("pruning", []):
+        lines.append(f"{p['method']} pruning {p['level']:.0%} of the teacher, without retraining: {p['how']}.")
+    if any(p["method"] == "magnitude" for p in s.get("pruning", [])):
+        pruned = [r for r in report["rows"] if r["technique"] == "magnitude pruning"]
+        lines.append(
+            "Unstructured zeros do not speed up dense kernels or shrink a dense file: the magnitude-pruned rows keep "
+            "the teacher's size on disk and run at "
+            + ", ".join(f"{r['image_speedup']:.2f}×" for r in pruned)
+            + " its image rate; only a sparse format (the sparse-size column: Linear weights as CSR) would store "
+            "less."
+        )
     lines += ["", markdown_table(TABLE_HEADER, (table_cells(row) for row in report["rows"]))]
     return "\n".join(lines) + "\n"
 

@@ -84,35 +84,60 @@ def loss_curves(folders: dict[str, Path], path: Path) -> Path:
 
 
 # -- the compression report -----------------------------------------------------------------------------
+_MARKERS = {"teacher": "*", "student": "o", "int8": "s", "magnitude pruning": "v", "structured pruning": "D"}
+
+
+def plotted_size(row: dict[str, Any]) -> float:
+    """The x of a row: its size on disk in MB, or for a magnitude-pruned model the size of its sparse (CSR) copy --
+    its dense file is the teacher's size, and the point of pruning is the smaller sparse one."""
+    if row.get("technique") == "magnitude pruning" and row.get("sparse_size_mb"):
+        return row["sparse_size_mb"]
+    return row["size_mb"]
+
+
 def compression_plot(report: dict[str, Any], path: str | Path) -> dict[str, list[tuple[str, float, float]]]:
-    """Save the accuracy-vs-size plot (and image-throughput-vs-size beside it) as an image; points labelled.
+    """Save the accuracy-vs-size plot (and image-throughput-vs-size beside it) as an image: size on a log axis, one
+    marker shape per technique (teacher, student, int8, magnitude / structured pruning), an arrow from each model
+    to what was made of it (teacher -> student, model -> its int8 or pruned copy), points labelled.
 
     Without accuracies only the throughput panel is drawn. Returns the plotted points per panel,
-    ``{"acc1": [(label, size_mb, acc@1 %)], "image_per_s": [(label, size_mb, images/s)]}``.
+    ``{"acc1": [(label, size_mb, acc@1 %)], "image_per_s": [(label, size_mb, images/s)]}`` (size as
+    :func:`plotted_size`).
     """
     plt = _pyplot()
     rows = report["rows"]
     panels: dict[str, list[tuple[str, float, float]]] = {}
     if all(r["acc1"] is not None for r in rows):
-        panels["acc1"] = [(r["model"], r["size_mb"], 100 * r["acc1"]) for r in rows]
-    panels["image_per_s"] = [(r["model"], r["size_mb"], r["image_per_s"]) for r in rows]
+        panels["acc1"] = [(r["model"], plotted_size(r), 100 * r["acc1"]) for r in rows]
+    panels["image_per_s"] = [(r["model"], plotted_size(r), r["image_per_s"]) for r in rows]
     titles = {"acc1": "zero-shot acc@1 (%)", "image_per_s": "image encodings / s"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     for ax, (key, points) in zip(axes[0], panels.items(), strict=True):
-        for i, (label, x, y) in enumerate(points):
-            ax.scatter([x], [y], s=60, color=f"C{i}", zorder=3)
+        where = {label: (x, y) for label, x, y in points}
+        for row in rows:  # arrows first, under the markers
+            if row.get("source") in where:
+                ax.annotate("", xy=where[row["model"]], xytext=where[row["source"]],
+                            arrowprops={"arrowstyle": "->", "color": "0.55", "lw": 1.0, "shrinkA": 6, "shrinkB": 6})
+        for i, (row, (label, x, y)) in enumerate(zip(rows, points, strict=True)):
+            marker = _MARKERS.get(row.get("technique", "student"), "o")
+            ax.scatter([x], [y], s=110 if marker == "*" else 60, marker=marker, color=f"C{i % 10}", zorder=3,
+                       label=row.get("technique"))
             # alternate above / below the point: neighbours of similar size and value do not overwrite each other
             ax.annotate(f"{label}\n{y:.1f}", (x, y), textcoords="offset points", xytext=(6, 8 if i % 2 == 0 else -30),
-                        fontsize=9)
-        ax.set_xlabel("size on disk (MB)")
+                        fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("size on disk (MB, log; magnitude-pruned: its sparse CSR copy)")
         ax.set_ylabel(titles[key])
         ax.set_title(f"{titles[key]} vs size")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
         xs, ys = [p[1] for p in points], [p[2] for p in points]
-        ax.set_xlim(0, max(xs) * 1.25)
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
         ax.set_ylim(min(0.0, min(ys)), max(ys) * 1.2 if max(ys) > 0 else 1.0)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))  # one legend entry per technique
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
     dataset = report["dataset"]["name"] if report.get("dataset") else "no dataset"
-    fig.suptitle(f"teacher vs student vs int8 -- {dataset}", fontsize=10)
+    fig.suptitle(f"distillation vs int8 vs pruning -- {dataset}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,18 @@ from __future__ import annotations
 import copy
 import io
 import re
+import warnings
 
 import torch
 from torch import nn
 
 PRUNING_METHODS = ("magnitude", "structured")
+#: what each method does, as the report says it
+PRUNING_HOW = {
+    "magnitude": "torch.nn.utils.prune.global_unstructured(L1Unstructured) over every nn.Linear weight, made permanent",
+    "structured": "every layer and head kept, each tower's hidden channels (per head) and MLP neurons cut to "
+    "1 - level by weight magnitude, tensors sliced as for a narrow student (mmkd.students.width)",
+}
 _SPEC = re.compile(r"^(magnitude|structured):([0-9.,\s]+)$")
 
 
@@ -102,9 +109,11 @@ def sparse_size(model: nn.Module) -> int:
     indices, row pointers) and everything else dense: what the zeros could save on disk with a sparse format."""
     linear_weights = {id(getattr(m, name)) for m, name in prunable_linears(model)}
     state = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        tensor = value.detach()
-        state[key] = tensor.to_sparse_csr() if id(value) in linear_weights else tensor
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        for key, value in model.state_dict(keep_vars=True).items():
+            tensor = value.detach()
+            state[key] = tensor.to_sparse_csr() if id(value) in linear_weights else tensor
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getbuffer().nbytes
