@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 # A second command, after `make demo` (it reuses the demo's teacher): a narrow 3+3-layer, width-96 student distilled
 # from it, its from-scratch twin (same shape, random init, the demo's scratch recipe), and the compression report
-# with magnitude and structured pruning of the teacher. About 8 minutes on 2 CPU cores.
+# with magnitude and structured pruning of the teacher. About 5 minutes on 2 CPU cores.
 NARROW := --student_vision_layers 3 --student_text_layers 3 --student_vision_width 96 --student_text_width 96
 study: $(STAMP)
 	test -f out/offline/teacher/config.json || { echo "run make demo first (the study reuses its teacher)" >&2; exit 2; }

@@ -84,7 +84,9 @@ def loss_curves(folders: dict[str, Path], path: Path) -> Path:
 
 
 # -- the compression report -----------------------------------------------------------------------------
-_MARKERS = {"teacher": "*", "student": "o", "int8": "s", "magnitude pruning": "v", "structured pruning": "D"}
+# technique -> (marker, colour): the legend reads one entry per technique; the labels name each model
+_MARKERS = {"teacher": ("*", "C0"), "student": ("o", "C2"), "int8": ("s", "C1"), "magnitude pruning": ("v", "C4"),
+            "structured pruning": ("D", "C3")}
 
 
 def plotted_size(row: dict[str, Any]) -> float:
@@ -111,7 +113,7 @@ def compression_plot(report: dict[str, Any], path: str | Path) -> dict[str, list
         panels["acc1"] = [(r["model"], plotted_size(r), 100 * r["acc1"]) for r in rows]
     panels["image_per_s"] = [(r["model"], plotted_size(r), r["image_per_s"]) for r in rows]
     titles = {"acc1": "zero-shot acc@1 (%)", "image_per_s": "image encodings / s"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False)
     for ax, (key, points) in zip(axes[0], panels.items(), strict=True):
         where = {label: (x, y) for label, x, y in points}
         for row in rows:  # arrows first, under the markers
@@ -119,12 +121,12 @@ def compression_plot(report: dict[str, Any], path: str | Path) -> dict[str, list
                 ax.annotate("", xy=where[row["model"]], xytext=where[row["source"]],
                             arrowprops={"arrowstyle": "->", "color": "0.55", "lw": 1.0, "shrinkA": 6, "shrinkB": 6})
         for i, (row, (label, x, y)) in enumerate(zip(rows, points, strict=True)):
-            marker = _MARKERS.get(row.get("technique", "student"), "o")
-            ax.scatter([x], [y], s=110 if marker == "*" else 60, marker=marker, color=f"C{i % 10}", zorder=3,
+            marker, colour = _MARKERS.get(row.get("technique", "student"), ("o", "C7"))
+            ax.scatter([x], [y], s=130 if marker == "*" else 60, marker=marker, color=colour, zorder=3,
                        label=row.get("technique"))
             # alternate above / below the point: neighbours of similar size and value do not overwrite each other
-            ax.annotate(f"{label}\n{y:.1f}", (x, y), textcoords="offset points", xytext=(6, 8 if i % 2 == 0 else -30),
-                        fontsize=8)
+            ax.annotate(f"{label}\n{y:.1f}", (x, y), textcoords="offset points", xytext=(6, 8 if i % 2 == 0 else -24),
+                        fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("size on disk (MB, log; magnitude-pruned: its sparse CSR copy)")
         ax.set_ylabel(titles[key])
@@ -135,7 +137,7 @@ def compression_plot(report: dict[str, Any], path: str | Path) -> dict[str, list
         ax.set_ylim(min(0.0, min(ys)), max(ys) * 1.2 if max(ys) > 0 else 1.0)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))  # one legend entry per technique
-        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
     dataset = report["dataset"]["name"] if report.get("dataset") else "no dataset"
     fig.suptitle(f"distillation vs int8 vs pruning -- {dataset}", fontsize=10)
     fig.tight_layout()
