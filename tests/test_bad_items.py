@@ -90,3 +90,12 @@ def test_training_and_the_teacher_cache_complete_over_one_percent_bad_rows(tmp_p
     assert summary["global_step"] == 3 and summary["teacher_embeddings"] == "cached"
     assert "skipped 5 of 500 items" in caplog.text
     assert json.loads((out / "training_summary.json").read_text())["global_step"] == 3
+
+
+def test_a_wrong_column_is_named_not_reported_as_bad_data(tmp_path):
+    from mmkd.checks import ConfigError
+
+    rows = datasets.Dataset.from_dict({"image": [str(tmp_path / f"{i}.jpg") for i in range(4)], "text": ["a"] * 4})
+    rows = rows.cast_column("image", datasets.Image())  # paths to files that were never written
+    with pytest.raises(ConfigError, match="image_column=image, text_column=text: every one of the 4 rows"):
+        drop_bad_rows(rows, "image", "text", what="typo")

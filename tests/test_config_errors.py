@@ -176,3 +176,10 @@ def test_valid_yaml_values_are_accepted(tmp_path):
     recipe = load_recipe("clip_student")
     _, args = recipe.parse_args(yaml_with(tmp_path, "report_to: [tensorboard]\nrun_name: -odd-name\n"))
     assert args.report_to == ["tensorboard"] and args.run_name == "-odd-name"
+
+
+def test_pretrained_tags_are_normalised_as_open_clip_does():
+    from mmkd.teachers import check_teacher_spec
+
+    for tag in ("laion2b_s34b_b79k", "laion2b-s34b-b79k", "OpenAI"):
+        check_teacher_spec("ViT-B-32", tag, "auto")  # open_clip loads these; the check must not refuse them

@@ -205,6 +205,12 @@ def drop_bad_rows(dataset, image_column: str, text_column: str, *, strict: bool 
     kept = raw.filter(keep_batch, batched=True, with_indices=True, keep_in_memory=True, load_from_cache_file=False,
                       desc=f"{what}: checking rows")
     report.log_summary(what)
+    if report.seen and report.skipped == report.seen:  # not bad data: the wrong columns
+        from mmkd.checks import ConfigError
+
+        raise ConfigError(f"image_column={image_column}, text_column={text_column}: every one of the {report.seen:,} "
+                          f"rows of {what} was refused (first: {report.examples[0]}); are these the image and "
+                          "caption columns?")
     if not report.skipped:  # nothing dropped: the dataset as it was, without an indices mapping to flatten later
         return dataset
     return kept.cast_column(image_column, decoded) if undecoded else kept

@@ -169,7 +169,7 @@ def check_teacher_spec(name_or_path: str | None, pretrained: str | None = None, 
             raise ConfigError(f"{option}={spec}: not an open_clip model name, a local path or an org/name hub id{hint}")
         if pretrained is not None and not _looks_like_path(pretrained):
             tags = open_clip.list_pretrained_tags_by_model(spec)
-            if pretrained not in tags:
+            if pretrained.lower().replace("-", "_") not in tags:  # open_clip's own tag normalisation
                 raise ConfigError(f"teacher_pretrained={pretrained}: not a pretrained tag of {spec} "
                                   f"(tags: {', '.join(tags) or 'none'})")
     if pretrained is not None and _looks_like_path(pretrained) and not Path(pretrained).expanduser().is_file():
