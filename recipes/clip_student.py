@@ -60,6 +60,7 @@ from mmkd.students.width import resolve_width
 from mmkd.teachers import check_teacher_spec, load_teacher, teacher_shapes
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
 from mmkd.trainers.checkpoints import LATEST, resolve_resume
+from mmkd.trainers.hints import parse_hint_layers, parse_layer_weights
 
 
 # 1. Arguments, teacher and student --------------------------------------------------------------------------------
@@ -120,6 +121,7 @@ def validate(
     job checks a stage whose teacher an earlier stage writes)."""
     data_args, args = parse_args(argv, config_class, data_class)
     refuse_token_option(args)
+    shapes = {}
     if check_teacher:
         check_teacher_spec(args.teacher_name_or_path, args.teacher_pretrained, args.teacher_backend)
         shapes = teacher_shapes(args.teacher_name_or_path) or {}
@@ -133,6 +135,17 @@ def validate(
     elif args.teacher_name_or_path is None:
         raise ConfigError("teacher_name_or_path=None: required (the student's architecture is derived from it)")
     check_data_args(data_args)
+    if args.hint_weight > 0:
+        if data_args.teacher_cache_dir:
+            raise ConfigError(f"teacher_cache_dir={data_args.teacher_cache_dir}: hint_weight > 0 needs the live "
+                              "teacher's hidden states, which the cache does not hold; drop one of them")
+        for tower, shape in shapes.items():
+            depth = getattr(args, f"student_{tower}_layers") or -(-shape.layers // 2)
+            try:
+                n = len(parse_hint_layers(args.hint_layers, depth, tower))
+                parse_layer_weights(args.hint_layer_weights, n)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
     if args.resume_from_checkpoint and str(args.resume_from_checkpoint).lower() not in LATEST:
         resolve_resume(args.resume_from_checkpoint, args.output_dir, require_optimizer=not args.save_only_model)  # a path: complete, or refused now
     return data_args, args

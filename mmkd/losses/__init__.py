@@ -6,7 +6,8 @@ terms; :func:`total_loss` sums them. The trainers build the modules from their l
 (:mod:`mmkd.trainers.clip_distillation`, :mod:`mmkd.trainers.match_distillation`).
 
 * :mod:`mmkd.losses.clip` -- triplet, embedding MSE / cosine, CLIP's contrastive loss, CLIP-KD's affinity term;
-* :mod:`mmkd.losses.match` -- the binary matcher's hard-label BCE, the soft logit terms, the feature term.
+* :mod:`mmkd.losses.match` -- the binary matcher's hard-label BCE, the soft logit terms, the feature term;
+* :mod:`mmkd.losses.features` -- hidden-state hints (FitNets).
 
 Teacher tensors are always constant targets (detached); half-precision inputs are upcast to float32.
 """
@@ -33,6 +34,13 @@ class LossInputs:
     student_logits: Tensor | None = None  # (B,) a matcher's one logit per pair
     teacher_logits: Tensor | None = None  # (B,)
     labels: Tensor | None = None  # (B,) 0/1 match labels
+    # hidden-state hints (mmkd.losses.features): per tower, one tensor per hinted layer pair, the student's already
+    # projected to the teacher's width; (B, N, D) for every token or (B, D) for the pooled one
+    student_image_hints: list[Tensor] | None = None
+    teacher_image_hints: list[Tensor] | None = None
+    student_text_hints: list[Tensor] | None = None
+    teacher_text_hints: list[Tensor] | None = None
+    text_hint_mask: Tensor | None = None  # (B, T) 1 for real tokens, when text hints cover every token
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

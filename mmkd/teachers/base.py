@@ -145,6 +145,13 @@ class CLIPTeacher(FrozenTeacher, abc.ABC):
     def inputs(self) -> Preprocessing:
         """The teacher's own image preprocessing and tokenizer, without the weights."""
 
+    @abc.abstractmethod
+    def hidden_widths(self) -> dict[str, int]:
+        """``{"vision": width, "text": width}`` of the teacher's transformer towers (what its hidden states hold)."""
+
+    #: where the text tower pools: the first token with this id (``None``: the largest id, open_clip's rule)
+    eos_token_id: int | None = None
+
     @property
     def logit_scale(self) -> torch.Tensor:
         """exp of the learned log scale (100 for OpenAI's CLIP)."""

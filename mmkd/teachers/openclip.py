@@ -49,6 +49,9 @@ class OpenCLIPTeacher(CLIPTeacher):
         self.tokenizer = tokenizer
         self.context_length = int(getattr(tokenizer, "context_length", 77))
 
+    def hidden_widths(self) -> dict[str, int]:
+        return {"vision": int(self.model.visual.transformer.width), "text": int(self.model.transformer.width)}
+
     @staticmethod
     def _run_with_hidden_states(transformer: nn.Module, fn):
         """Run ``fn`` while recording the input of the first block and the output of every block, as (B, L, D)."""

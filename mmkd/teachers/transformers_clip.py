@@ -33,6 +33,12 @@ class TransformersCLIPTeacher(CLIPTeacher):
         super().__init__(model, name)
         self.processor = processor
         self.context_length = int(model.config.text_config.max_position_embeddings)
+        eos = model.config.text_config.eos_token_id
+        self.eos_token_id = None if eos == 2 else eos  # transformers' legacy id 2 means "pool at the largest id"
+
+    def hidden_widths(self) -> dict[str, int]:
+        cfg = self.model.config
+        return {"vision": int(cfg.vision_config.hidden_size), "text": int(cfg.text_config.hidden_size)}
 
     def _encode_image(self, pixel_values, output_hidden_states):
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)

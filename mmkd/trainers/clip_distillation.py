@@ -18,18 +18,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from mmkd.checks import at_least, greater_than, integer_at_least, one_of, optional
-from mmkd.losses import LossInputs
+from mmkd.losses import CombinedLoss, LossInputs
 from mmkd.losses.clip import (
     AffinityDistillationLoss,
     CLIPContrastiveLoss,
     EmbeddingDistillationLoss,
     TripletLoss,
 )
+from mmkd.losses.features import HINT_KINDS, HintLoss
 from mmkd.students.clip import STRATEGIES
 from mmkd.students.width import IMPORTANCE
 from mmkd.teachers import BACKENDS
 from mmkd.trainers.base import DistillationConfig, DistillationTrainer, LossTerm
+from mmkd.trainers.hints import (
+    HINT_TOKENS,
+    PROJECTOR_KINDS,
+    PROJECTORS,
+    TOWERS,
+    HintProjectors,
+    hint_layer_map,
+    parse_hint_layers,
+    parse_layer_weights,
+    pooled_index,
+    select_tokens,
+)
 
 __all__ = ["CLIP_LOSS_TERMS", "CLIPDistillationConfig", "CLIPDistillationTrainer"]
 
@@ -77,6 +92,14 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
         needs=_STUDENT | _TEACHER,
         checks={"affinity_temperature": greater_than(0)},
         description="CLIP-KD affinity mimicking (Yang et al., 2024)",
+    ),
+    "hint": LossTerm(
+        weight="hint_weight",
+        build=lambda a: HintLoss(weight=a.hint_weight, kind=a.hint_loss),
+        needs=frozenset({"student_image_hints", "teacher_image_hints", "student_text_hints", "teacher_text_hints"}),
+        checks={"hint_loss": one_of(*HINT_KINDS), "hint_tokens": one_of(*HINT_TOKENS),
+                "projector": one_of(*PROJECTOR_KINDS)},
+        description="FitNets hidden-state hints (Romero et al., 2015)",
     ),
 }
 
@@ -170,6 +193,22 @@ class CLIPDistillationConfig(DistillationConfig):
     gather_across_processes: bool = field(
         default=True, metadata={"help": "Gather embeddings over processes (with gradients) for batch-wide terms."}
     )
+    hint_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the FitNets hidden-state hints, per tower (0 disables)."}
+    )
+    hint_layers: str = field(
+        default="last", metadata={"help": "Hinted student layers: last, all, or indices (0,2); each is paired with "
+                                  "the teacher layer it was copied from."}
+    )
+    hint_layer_weights: str | None = field(
+        default=None, metadata={"help": "Comma-separated weight per hinted layer (default: equal)."}
+    )
+    hint_tokens: str = field(default="all", metadata={"help": "Hinted tokens: all, or pooled (class / end-of-text)."})
+    hint_loss: str = field(default="mse", metadata={"help": f"Hint distance: {', '.join(HINT_KINDS)}."})
+    projector: str = field(
+        default="linear", metadata={"help": f"Student -> teacher width projector of the hints: "
+                                    f"{', '.join(PROJECTOR_KINDS)} (training-only, never saved in the student)."}
+    )
 
     def __post_init__(self):
         if self.student_init not in self.layer_strategies:
@@ -191,16 +230,77 @@ class CLIPDistillationTrainer(DistillationTrainer):
     config_class: ClassVar = CLIPDistillationConfig
 
     def __init__(self, model=None, teacher=None, args: CLIPDistillationConfig = None, **kwargs):
+        self.hint_pairs: dict[str, list[tuple[int, int]]] = {}
+        if args is not None and "hint" in args.active_terms():
+            if teacher is None:
+                raise ValueError("hint_weight > 0: the hints need the live teacher's hidden states (a teacher cache "
+                                 "holds only embeddings); pass the teacher and drop --teacher_cache_dir")
+            self.hint_pairs, self.hint_layer_weights = self._plan_hints(model, teacher, args)
+            widths = {tower: (int(getattr(model.config, f"{TOWERS[tower]}_config").hidden_size),
+                              teacher.hidden_widths()[TOWERS[tower]]) for tower in self.hint_pairs}
+            model.add_module(PROJECTORS, HintProjectors(self.hint_pairs, widths, args.projector, seed=args.seed))
         super().__init__(model=model, teacher=teacher, args=args, **kwargs)
+        if self.hint_pairs:
+            self.loss_fn = CombinedLoss([
+                HintLoss(args.hint_weight, args.hint_loss, self.hint_layer_weights) if isinstance(m, HintLoss) else m
+                for m in self.loss_fn.losses
+            ])
         if "logit_scale" not in self.needed_inputs:
             # Only InfoNCE reads the student's temperature; a parameter with no gradient would stall DDP.
             self.accelerator.unwrap_model(self.model).logit_scale.requires_grad_(False)
         self.gathered_batch_size: int | None = None
 
+    @staticmethod
+    def _plan_hints(model, teacher, args) -> tuple[dict[str, list[tuple[int, int]]], dict[str, list[float]]]:
+        """Per tower, the hinted (student layer, teacher layer) pairs and their weights."""
+        init = getattr(model.config, "distillation_init", None) or {}
+        pairs, weights = {}, {}
+        for tower, cfg_name in TOWERS.items():
+            n_student = int(getattr(model.config, f"{cfg_name}_config").num_hidden_layers)
+            n_teacher = int(init.get(f"teacher_{cfg_name}_depth") or n_student)
+            mapping = hint_layer_map(init, cfg_name, n_student, n_teacher)
+            layers = parse_hint_layers(args.hint_layers, n_student, cfg_name)
+            pairs[tower] = [(k, mapping[k]) for k in layers]
+            weights[tower] = parse_layer_weights(args.hint_layer_weights, len(layers)) or [1.0] * len(layers)
+        return pairs, weights
+
+    def _hints(self, student: dict[str, Any], teacher: dict[str, Any], inputs: dict) -> dict[str, Any]:
+        """The hint fields of :class:`LossInputs`: mapped hidden states, the student's projected."""
+        projectors = getattr(self.accelerator.unwrap_model(self.model), PROJECTORS)
+        tokens, out = self.args.hint_tokens, {}
+        own_ids = "teacher_input_ids" in inputs
+        if tokens == "all" and own_ids:
+            raise ValueError("hint_tokens=all: the teacher has its own tokenizer, so its text tokens do not line up "
+                             "with the student's; use hint_tokens=pooled")
+        ids = inputs["input_ids"]
+        s_index = t_index = None
+        if tokens == "pooled":
+            eos = self.accelerator.unwrap_model(self.model).config.text_config.eos_token_id
+            s_index = pooled_index(ids, eos)
+            t_index = pooled_index(inputs["teacher_input_ids"], self.teacher.eos_token_id) if own_ids else s_index
+        for tower, layer_pairs in self.hint_pairs.items():
+            s_states, t_states = student.pop(f"_{tower}_hidden"), teacher.pop(f"_{tower}_hidden")
+            text = tower == "text"
+            length = ids.shape[1] if text and tokens == "all" else None
+            out[f"student_{tower}_hints"] = [
+                projectors[f"{tower}_{k}"](select_tokens(s_states[k + 1], tokens, s_index if text else None))
+                for k, _ in layer_pairs
+            ]
+            out[f"teacher_{tower}_hints"] = [
+                select_tokens(t_states[j + 1], tokens, t_index if text else None, length).to(s_states[0].dtype)
+                for _, j in layer_pairs
+            ]
+        if tokens == "all":
+            mask = inputs.get("attention_mask")
+            out["text_hint_mask"] = mask if mask is not None else torch.ones_like(ids)
+        return out
+
     def teacher_inputs(self, inputs: dict) -> dict[str, Any]:
         wanted = {tower for tower in ("image", "text") if f"teacher_{tower}" in self.needed_inputs}
         out = {f"teacher_{t}": inputs[f"teacher_{t}_embeds"] for t in wanted if f"teacher_{t}_embeds" in inputs}
         missing = wanted - {name.removeprefix("teacher_") for name in out}
+        if self.hint_pairs:  # the hidden states come only from the live teacher
+            missing = {"image", "text"}
         if not missing:
             return out
         if self.teacher is None:
@@ -213,9 +313,13 @@ class CLIPDistillationTrainer(DistillationTrainer):
                 input_ids, attention_mask = inputs["teacher_input_ids"], inputs.get("teacher_attention_mask")
             else:  # the teacher shares the student's tokenizer
                 input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        live = self.teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        live = self.teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                            output_hidden_states=bool(self.hint_pairs))
         for tower in missing:
-            out[f"teacher_{tower}"] = getattr(live, f"{tower}_embeds")
+            if tower in wanted:
+                out[f"teacher_{tower}"] = getattr(live, f"{tower}_embeds")
+            if self.hint_pairs:
+                out[f"_{tower}_hidden"] = getattr(live, f"{tower}_hidden_states")
         return out
 
     def student_inputs(self, model, inputs: dict) -> tuple[dict[str, Any], Any]:
@@ -223,6 +327,7 @@ class CLIPDistillationTrainer(DistillationTrainer):
             input_ids=inputs["input_ids"],
             attention_mask=inputs.get("attention_mask"),
             pixel_values=inputs["pixel_values"],
+            output_hidden_states=bool(self.hint_pairs),
             return_dict=True,
         )
         # CLIPModel.forward's tower outputs are get_image_features / get_text_features' own: their pooler_output is
@@ -230,16 +335,34 @@ class CLIPDistillationTrainer(DistillationTrainer):
         image = outputs.vision_model_output.pooler_output  # (B, E)
         text = outputs.text_model_output.pooler_output  # (B, E)
         student = {"student_image": image, "student_text": text}
+        if self.hint_pairs:
+            student["_image_hidden"] = outputs.vision_model_output.hidden_states
+            student["_text_hidden"] = outputs.text_model_output.hidden_states
         if "logit_scale" in self.needed_inputs:
             student["logit_scale"] = self.accelerator.unwrap_model(model).logit_scale.exp()
         return student, outputs
 
     def loss_inputs(self, student: dict[str, Any], teacher: dict[str, Any]) -> LossInputs:
+        hints = self._hints(student, teacher, self._batch) if self.hint_pairs else {}
         # Teacher targets in the student's dtype (under mixed precision both come out of autocast).
         teacher = {k: v.to(student[k.replace("teacher_", "student_")].dtype) for k, v in teacher.items()}
-        return LossInputs(**student, **teacher)
+        return LossInputs(**student, **teacher, **hints)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (``_internal_call``) keep the hint projectors, so a resume is exact; the final student is
+        saved without them: a stock ``CLIPModel``."""
+        student = self.accelerator.unwrap_model(self.model)
+        projectors = student._modules.get(PROJECTORS)
+        if _internal_call or projectors is None:
+            return super().save_model(output_dir, _internal_call)
+        del student._modules[PROJECTORS]
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            student._modules[PROJECTORS] = projectors
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._batch = inputs  # the hints read the batch's token ids and mask
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training and self.loss_fn.last_gathered_batch_size is not None:
             self.gathered_batch_size = self.loss_fn.last_gathered_batch_size

@@ -1,0 +1,149 @@
+"""FitNets hidden-state hints: the distance by hand, the layer map, projectors that train with the student, are
+checkpointed (a resume is exact) and are never in the saved student."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import CLIPModel
+
+from mmkd.losses import LossInputs
+from mmkd.losses.features import HintLoss, hint_distance
+from mmkd.trainers.hints import (
+    hint_layer_map,
+    parse_hint_layers,
+    parse_layer_weights,
+    pooled_index,
+    select_tokens,
+)
+from tests.conftest import REPO, load_recipe
+
+SMOKE = REPO / "recipes" / "configs" / "smoke.yaml"
+
+
+def test_hint_distances_by_hand():
+    s = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # (1, 2 tokens, 2)
+    t = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]]) + torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    # token 0: ((0)^2 + (-1)^2) / 2 = 0.5; token 1: (0 + 4) / 2 = 2
+    assert hint_distance(s, t, "mse").item() == pytest.approx(1.25)
+    assert hint_distance(s, t, "mse", mask=torch.tensor([[1, 0]])).item() == pytest.approx(0.5)  # padding left out
+    # cosine: token 0: cos((1,0),(1,1)) = 1/sqrt2; token 1: t is zero -> cos 0
+    assert hint_distance(s, t, "cosine").item() == pytest.approx(((1 - 2 ** -0.5) + 1) / 2, abs=1e-6)
+    assert hint_distance(torch.ones(3, 4), 2 * torch.ones(3, 4), "cosine").item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="hint shapes differ"):
+        hint_distance(torch.ones(2, 3), torch.ones(2, 4))
+
+
+def test_the_hint_term_weights_layers_and_towers():
+    one, two = torch.ones(2, 4), torch.zeros(2, 4)
+    inputs = LossInputs(student_image_hints=[one, one], teacher_image_hints=[two, one],  # distances 1 and 0
+                        student_text_hints=[one], teacher_text_hints=[two])
+    terms = HintLoss(weight=2.0, layer_weights={"image": [3.0, 1.0]})(inputs)
+    assert terms["image_hint"].item() == pytest.approx(2.0 * (3 * 1 + 1 * 0) / 4)
+    assert terms["text_hint"].item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="1 image layer weights for 2 hinted layers"):
+        HintLoss(layer_weights={"image": [1.0]})(inputs)
+
+
+def test_layer_maps_and_token_selection():
+    init = {"vision_layers": [0, 2, 4], "text_layers": []}
+    assert hint_layer_map(init, "vision", 3, 6) == [0, 2, 4]  # the layer each was copied from
+    assert hint_layer_map(init, "text", 3, 6) == [1, 3, 5]  # random init: proportional, last with last
+    assert parse_hint_layers("last", 3) == [2] and parse_hint_layers("all", 3) == [0, 1, 2]
+    assert parse_hint_layers("2,0", 3) == [0, 2]
+    for bad in ("3", "0,0", "x"):
+        with pytest.raises(ValueError, match="hint_layers"):
+            parse_hint_layers(bad, 3)
+    assert parse_layer_weights("0.5,1", 2) == [0.5, 1.0] and parse_layer_weights(None, 2) is None
+    for bad in ("1", "0,0", "a,b", "-1,2"):
+        with pytest.raises(ValueError, match="hint_layer_weights"):
+            parse_layer_weights(bad, 2)
+    ids = torch.tensor([[49406, 5, 49407, 0], [49406, 5, 6, 49407]])
+    assert pooled_index(ids, 49407).tolist() == [2, 3] and pooled_index(ids, None).tolist() == [2, 3]
+    states = torch.arange(2 * 4 * 1.0).view(2, 4, 1)
+    assert select_tokens(states, "pooled", torch.tensor([2, 3])).flatten().tolist() == [2.0, 7.0]
+    assert select_tokens(states, "pooled").flatten().tolist() == [0.0, 4.0]  # the class token
+    assert select_tokens(states, "all", length=2).shape == (2, 2, 1)
+
+
+def _run(out, *extra, steps=4):
+    return load_recipe("clip_student").main([
+        "--config", str(SMOKE), "--output_dir", str(out), "--num_generated_examples", "48",
+        "--per_device_train_batch_size", "8", "--max_steps", str(steps), "--save_steps", "2", "--logging_steps", "1",
+        "--report_to", "none", "--use_cpu", "true", "--dataloader_num_workers", "0", "--hint_weight", "1",
+        "--hint_layers", "all", "--student_vision_width", "32", *extra])
+
+
+def test_projectors_train_are_checkpointed_and_never_saved_in_the_student(tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        _run(out, "--triplet_weight", "0", "--image_distill_weight", "0", "--text_distill_weight", "0")
+    ckpt = load_file(out / "checkpoint-4" / "model.safetensors")
+    first = load_file(out / "checkpoint-2" / "model.safetensors")
+    projector_keys = sorted(k for k in ckpt if k.startswith("mmkd_projectors."))
+    # the vision tower is narrower (32 vs 64): one projector per hinted layer; the text tower is not: identities
+    assert projector_keys == ["mmkd_projectors.image_0.weight", "mmkd_projectors.image_1.weight"]
+    assert ckpt["mmkd_projectors.image_0.weight"].shape == (64, 32)
+    assert all(not torch.equal(first[k], ckpt[k]) for k in projector_keys)  # trained with the student
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "mmkd" in k]  # the student is stock
+    student = CLIPModel.from_pretrained(out)
+    assert student.config.vision_config.hidden_size == 32
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower()]
+    log = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert {"loss_image_hint", "loss_text_hint"} <= set(log[0])
+    # hints are the only term here: every hinted student layer changed
+    changed = {k for k, v in first.items() if not k.startswith("mmkd") and not torch.equal(v, ckpt[k])}
+    for tower in ("vision_model", "text_model"):
+        for layer in (0, 1):
+            assert f"{tower}.encoder.layers.{layer}.mlp.fc1.weight" in changed
+
+
+def test_a_resume_with_projectors_is_exact(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = ("--hint_tokens", "pooled", "--projector", "mlp", "--hint_loss", "cosine")
+    _run(straight, *extra)
+    _run(resumed, *extra, steps=2)
+    _run(resumed, *extra, "--resume_from_checkpoint", "latest")
+    a, b = (load_file(p / "checkpoint-4" / "model.safetensors") for p in (straight, resumed))
+    assert a.keys() == b.keys() and any(k.startswith("mmkd_projectors.text_1") for k in a)  # mlp: even at equal width
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_hints_refuse_a_teacher_cache(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        load_recipe("clip_student").main(["--config", str(SMOKE), "--output_dir", str(tmp_path / "o"), "--use_cpu",
+                                          "true", "--hint_weight", "1", "--teacher_cache_dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: teacher_cache_dir=") and "hidden states" in err
+    with pytest.raises(SystemExit):
+        load_recipe("clip_student").main(["--config", str(SMOKE), "--output_dir", str(tmp_path / "o"), "--use_cpu",
+                                          "true", "--hint_weight", "1", "--hint_layers", "5"])
+    assert "hint_layers='5'" in capsys.readouterr().err
+
+
+def test_two_process_launch_with_projectors(tmp_path):
+    """DDP syncs the projectors: both ranks end with the same projector weights in the checkpoint."""
+    out = tmp_path / "ddp"
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "recipes/clip_student.py", "--config", str(SMOKE), "--output_dir",
+           str(out), "--max_steps", "2", "--save_steps", "2", "--report_to", "none", "--hint_weight", "1",
+           "--student_vision_width", "32"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((out / "training_summary.json").read_text())["world_size"] == 2
+    ckpt = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert "mmkd_projectors.image_1.weight" in ckpt
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "mmkd" in k]
