@@ -135,10 +135,10 @@ def validate(
     elif args.teacher_name_or_path is None:
         raise ConfigError("teacher_name_or_path=None: required (the student's architecture is derived from it)")
     check_data_args(data_args)
+    if (args.hint_weight > 0 or args.simkd_weight > 0) and data_args.teacher_cache_dir:
+        raise ConfigError(f"teacher_cache_dir={data_args.teacher_cache_dir}: hint_weight / simkd_weight > 0 need "
+                          "the live teacher's hidden states, which the cache does not hold; drop one of them")
     if args.hint_weight > 0:
-        if data_args.teacher_cache_dir:
-            raise ConfigError(f"teacher_cache_dir={data_args.teacher_cache_dir}: hint_weight > 0 needs the live "
-                              "teacher's hidden states, which the cache does not hold; drop one of them")
         for tower, shape in shapes.items():
             depth = getattr(args, f"student_{tower}_layers") or -(-shape.layers // 2)
             try:

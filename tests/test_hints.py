@@ -17,11 +17,12 @@ from transformers import CLIPModel
 
 from mmkd.losses import LossInputs
 from mmkd.losses.features import HintLoss, hint_distance
+from mmkd.students import build_student
+from mmkd.teachers.base import pooled_index
 from mmkd.trainers.hints import (
     hint_layer_map,
     parse_hint_layers,
     parse_layer_weights,
-    pooled_index,
     select_tokens,
 )
 from tests.conftest import REPO, load_recipe
@@ -147,3 +148,45 @@ def test_two_process_launch_with_projectors(tmp_path):
     assert "mmkd_projectors.image_1.weight" in ckpt
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "mmkd" in k]
+
+
+def test_simkd_term_by_hand():
+    from mmkd.losses.features import SimKDLoss
+
+    inputs = LossInputs(student_image_feature=torch.tensor([[1.0, 3.0]]), teacher_image_feature=torch.tensor([[0.0, 1.0]]),
+                        student_text_feature=torch.zeros(1, 2), teacher_text_feature=torch.zeros(1, 2))
+    terms = SimKDLoss(weight=0.5)(inputs)
+    assert terms["image_simkd"].item() == pytest.approx(0.5 * (1 + 4) / 2) and terms["text_simkd"].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["open_clip", "transformers"])
+def test_simkd_reuses_the_teacher_head_and_folds_it_into_a_stock_student(tmp_path, backend, open_clip_teacher,
+                                                                         hf_teacher, shapes):
+    """Trained through projector + the teacher's frozen projection; saved with the two folded into the student's
+    own projections: the stock CLIPModel gives the trained student's embeddings (1e-5)."""
+    from tests.test_trainer import make_config, make_trainer
+
+    teacher = open_clip_teacher if backend == "open_clip" else hf_teacher
+    student, _ = build_student(teacher.to_transformers(), vision_width=16, text_width=16)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = make_trainer(teacher, shapes, make_config(tmp_path, simkd_weight=1.0, image_distill_weight=0.5), student)
+    trainer.train()
+    heads = trainer.model.mmkd_projectors
+    assert heads["image_head"].weight.shape == (teacher.hidden_widths()["vision"], 16)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        trained, _ = trainer.student_inputs(trainer.model, batch)
+    assert torch.equal(student.visual_projection.weight, before["visual_projection.weight"])  # frozen, unused
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = CLIPModel.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        image = saved.get_image_features(pixel_values=batch["pixel_values"])
+        text = saved.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for got, want in ((image, trained["student_image"]), (text, trained["student_text"])):
+        got = got.pooler_output if hasattr(got, "pooler_output") else got
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "mmkd" in k]
+    log = trainer.state.log_history[0]
+    assert {"loss_image_simkd", "loss_text_simkd"} <= set(log)

@@ -145,3 +145,16 @@ def test_teacher_is_cast_and_moved(open_clip_teacher):
     assert t.dtype == torch.bfloat16
     out = t(pixel_values=torch.randn(2, 3, 32, 32))  # fp32 pixels are cast to the teacher's dtype
     assert out.image_embeds.dtype == torch.bfloat16
+
+
+def test_pooled_features_times_projection_are_the_embeddings(teacher):
+    """What SimKD reuses: the pre-projection pooled feature and the projection, for both backends."""
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[49406, 320, 1929, 49407, 0, 0], [49406, 320, 1929, 539, 1125, 49407]])
+    out = teacher(pixel_values=pixels, input_ids=ids, attention_mask=(ids != 0).long(), output_hidden_states=True)
+    for tower, states, embeds in (("image", out.image_hidden_states, out.image_embeds),
+                                  ("text", out.text_hidden_states, out.text_embeds)):
+        pooled = teacher.pooled_features(tower, states[-1], ids)
+        torch.testing.assert_close(pooled @ teacher.projection(tower).T, embeds, rtol=1e-5, atol=1e-5)
+        assert teacher.projection(tower).shape == (embeds.shape[1], teacher.hidden_widths()["vision" if tower == "image" else "text"])

@@ -7,7 +7,7 @@ terms; :func:`total_loss` sums them. The trainers build the modules from their l
 
 * :mod:`mmkd.losses.clip` -- triplet, embedding MSE / cosine, CLIP's contrastive loss, CLIP-KD's affinity term;
 * :mod:`mmkd.losses.match` -- the binary matcher's hard-label BCE, the soft logit terms, the feature term;
-* :mod:`mmkd.losses.features` -- hidden-state hints (FitNets).
+* :mod:`mmkd.losses.features` -- hidden-state hints (FitNets) and SimKD's feature alignment.
 
 Teacher tensors are always constant targets (detached); half-precision inputs are upcast to float32.
 """
@@ -41,6 +41,11 @@ class LossInputs:
     student_text_hints: list[Tensor] | None = None
     teacher_text_hints: list[Tensor] | None = None
     text_hint_mask: Tensor | None = None  # (B, T) 1 for real tokens, when text hints cover every token
+    # SimKD (mmkd.losses.features): the student's pooled feature through its projector, the teacher's pre-projection one
+    student_image_feature: Tensor | None = None  # (B, Dt)
+    teacher_image_feature: Tensor | None = None
+    student_text_feature: Tensor | None = None
+    teacher_text_feature: Tensor | None = None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""Feature-level distillation: hidden-state hints (FitNets, Romero et al., 2015).
+"""Feature-level distillation: hidden-state hints (FitNets, Romero et al., 2015) and SimKD's feature alignment
+(Chen et al., 2022).
 
 The trainer hands the loss, per tower, a list of ``(student hint, teacher hint)`` pairs: the student's hidden state
 at a mapped layer, already mapped to the teacher's width by its projector, and the teacher's hidden state at the
@@ -74,3 +75,35 @@ class HintLoss(nn.Module):
             out[f"{tower}_hint"] = self.weight * total / sum(weights)
         return out
 
+
+
+SIMKD = """@inproceedings{chen2022simkd,
+  title     = {Knowledge Distillation with the Reused Teacher Classifier},
+  author    = {Chen, Defang and Mei, Jian-Ping and Zhang, Hailin and Wang, Can and Feng, Yan and Chen, Chun},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition},
+  year      = {2022}
+}"""
+
+
+class SimKDLoss(nn.Module):
+    """SimKD: the student's pooled feature, through its projector, against the teacher's pre-projection pooled
+    feature, ``weight x mean((P f_s - f_t)^2)`` per tower (terms ``image_simkd``, ``text_simkd``); the student's
+    embedding is then the teacher's projection of ``P f_s`` (the trainer reuses the teacher's head)."""
+
+    citation = SIMKD
+    terms = ("image_simkd", "text_simkd")
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = float(weight)
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
+        out = {}
+        for tower in ("image", "text"):
+            s, t = getattr(inputs, f"student_{tower}_feature"), getattr(inputs, f"teacher_{tower}_feature")
+            if s is None or t is None:
+                raise ValueError(f"the SimKD term needs student_{tower}_feature and teacher_{tower}_feature")
+            if s.shape != t.shape:
+                raise ValueError(f"SimKD feature shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+            out[f"{tower}_simkd"] = self.weight * ((s.float() - t.detach().float()) ** 2).mean()
+        return out

@@ -24,6 +24,14 @@ if TYPE_CHECKING:
     from mmkd.data.preprocessing import Preprocessing
 
 
+def pooled_index(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """Where a CLIP text tower pools: the first end-of-text token (the largest id for the legacy ``eos_token_id``
+    2, as transformers and open_clip do)."""
+    if eos_token_id is None or eos_token_id == 2:
+        return input_ids.argmax(-1)
+    return (input_ids == eos_token_id).int().argmax(-1)
+
+
 @dataclass
 class TeacherOutput:
     """What a teacher returns. Embeddings are projected and *not* normalised; see the ``*_normalized`` properties."""
@@ -148,6 +156,16 @@ class CLIPTeacher(FrozenTeacher, abc.ABC):
     @abc.abstractmethod
     def hidden_widths(self) -> dict[str, int]:
         """``{"vision": width, "text": width}`` of the teacher's transformer towers (what its hidden states hold)."""
+
+    @abc.abstractmethod
+    def pooled_features(self, tower: str, last_hidden: torch.Tensor, input_ids: torch.Tensor | None = None
+                        ) -> torch.Tensor:  # fmt: skip
+        """The pre-projection pooled feature ``(B, D)`` of ``tower`` (``image`` / ``text``) from its last hidden
+        state (``hidden_states[-1]``): what :meth:`projection` maps to the embedding."""
+
+    @abc.abstractmethod
+    def projection(self, tower: str) -> torch.Tensor:
+        """The tower's projection as an ``(E, D)`` matrix: ``embedding = pooled_features @ projection.T``."""
 
     #: where the text tower pools: the first token with this id (``None``: the largest id, open_clip's rule)
     eos_token_id: int | None = None

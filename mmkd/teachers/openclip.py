@@ -49,6 +49,24 @@ class OpenCLIPTeacher(CLIPTeacher):
         self.tokenizer = tokenizer
         self.context_length = int(getattr(tokenizer, "context_length", 77))
 
+    def pooled_features(self, tower, last_hidden, input_ids=None):
+        if tower == "image":
+            return self.model.visual._pool(last_hidden)[0]  # open_clip's own pooling (class token, ln_post)
+        from open_clip.transformer import text_global_pool
+
+        ids = input_ids.to(last_hidden.device)
+        ids = F.pad(ids, (0, last_hidden.shape[1] - ids.shape[1]), value=0)  # as _encode_text padded them
+        return text_global_pool(self.model.ln_final(last_hidden), ids, self.model.text_pool_type,
+                                eos_token_id=getattr(self.model, "text_eos_id", None))
+
+    def projection(self, tower):
+        proj = self.model.visual.proj if tower == "image" else self.model.text_projection
+        if isinstance(proj, nn.Linear):
+            if proj.bias is not None:
+                raise ValueError("the teacher's text projection has a bias; it cannot be folded into a CLIPModel")
+            return proj.weight.detach()
+        return proj.detach().T
+
     def hidden_widths(self) -> dict[str, int]:
         return {"vision": int(self.model.visual.transformer.width), "text": int(self.model.transformer.width)}
 

@@ -6,10 +6,11 @@ import copy
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from mmkd.data.preprocessing import Preprocessing, processor_preprocessing
-from mmkd.teachers.base import CLIPTeacher
+from mmkd.teachers.base import CLIPTeacher, pooled_index
 
 
 def claims(name_or_path: str) -> bool:
@@ -35,6 +36,15 @@ class TransformersCLIPTeacher(CLIPTeacher):
         self.context_length = int(model.config.text_config.max_position_embeddings)
         eos = model.config.text_config.eos_token_id
         self.eos_token_id = None if eos == 2 else eos  # transformers' legacy id 2 means "pool at the largest id"
+
+    def pooled_features(self, tower, last_hidden, input_ids=None):
+        if tower == "image":
+            return self.model.vision_model.post_layernorm(last_hidden[:, 0])
+        x = self.model.text_model.final_layer_norm(last_hidden)
+        return x[torch.arange(x.shape[0], device=x.device), pooled_index(input_ids, self.eos_token_id).to(x.device)]
+
+    def projection(self, tower):
+        return (self.model.visual_projection if tower == "image" else self.model.text_projection).weight.detach()
 
     def hidden_widths(self) -> dict[str, int]:
         cfg = self.model.config

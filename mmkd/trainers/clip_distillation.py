@@ -28,10 +28,11 @@ from mmkd.losses.clip import (
     EmbeddingDistillationLoss,
     TripletLoss,
 )
-from mmkd.losses.features import HINT_KINDS, HintLoss
+from mmkd.losses.features import HINT_KINDS, HintLoss, SimKDLoss
 from mmkd.students.clip import STRATEGIES
 from mmkd.students.width import IMPORTANCE
 from mmkd.teachers import BACKENDS
+from mmkd.teachers.base import pooled_index
 from mmkd.trainers.base import DistillationConfig, DistillationTrainer, LossTerm
 from mmkd.trainers.hints import (
     HINT_TOKENS,
@@ -42,7 +43,6 @@ from mmkd.trainers.hints import (
     hint_layer_map,
     parse_hint_layers,
     parse_layer_weights,
-    pooled_index,
     select_tokens,
 )
 
@@ -100,6 +100,13 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
         checks={"hint_loss": one_of(*HINT_KINDS), "hint_tokens": one_of(*HINT_TOKENS),
                 "projector": one_of(*PROJECTOR_KINDS)},
         description="FitNets hidden-state hints (Romero et al., 2015)",
+    ),
+    "simkd": LossTerm(
+        weight="simkd_weight",
+        build=lambda a: SimKDLoss(weight=a.simkd_weight),
+        needs=frozenset({"student_image_feature", "teacher_image_feature", "student_text_feature",
+                         "teacher_text_feature"}),
+        description="SimKD: reused teacher projection, feature alignment (Chen et al., 2022)",
     ),
 }
 
@@ -205,6 +212,10 @@ class CLIPDistillationConfig(DistillationConfig):
     )
     hint_tokens: str = field(default="all", metadata={"help": "Hinted tokens: all, or pooled (class / end-of-text)."})
     hint_loss: str = field(default="mse", metadata={"help": f"Hint distance: {', '.join(HINT_KINDS)}."})
+    simkd_weight: float = field(
+        default=0.0, metadata={"help": "Weight of SimKD's feature alignment; > 0 also reuses the teacher's frozen "
+                               "projections as the student's head (folded into the saved student's projections)."}
+    )
     projector: str = field(
         default="linear", metadata={"help": f"Student -> teacher width projector of the hints: "
                                     f"{', '.join(PROJECTOR_KINDS)} (training-only, never saved in the student)."}
@@ -231,14 +242,27 @@ class CLIPDistillationTrainer(DistillationTrainer):
 
     def __init__(self, model=None, teacher=None, args: CLIPDistillationConfig = None, **kwargs):
         self.hint_pairs: dict[str, list[tuple[int, int]]] = {}
-        if args is not None and "hint" in args.active_terms():
+        active = args.active_terms() if args is not None else {}
+        self.simkd = "simkd" in active
+        if "hint" in active or self.simkd:
             if teacher is None:
-                raise ValueError("hint_weight > 0: the hints need the live teacher's hidden states (a teacher cache "
-                                 "holds only embeddings); pass the teacher and drop --teacher_cache_dir")
-            self.hint_pairs, self.hint_layer_weights = self._plan_hints(model, teacher, args)
+                raise ValueError("hint_weight / simkd_weight > 0: these terms need the live teacher's hidden states "
+                                 "(a teacher cache holds only embeddings); pass the teacher and drop "
+                                 "--teacher_cache_dir")
             widths = {tower: (int(getattr(model.config, f"{TOWERS[tower]}_config").hidden_size),
-                              teacher.hidden_widths()[TOWERS[tower]]) for tower in self.hint_pairs}
-            model.add_module(PROJECTORS, HintProjectors(self.hint_pairs, widths, args.projector, seed=args.seed))
+                              teacher.hidden_widths()[TOWERS[tower]]) for tower in TOWERS}
+            if "hint" in active:
+                self.hint_pairs, self.hint_layer_weights = self._plan_hints(model, teacher, args)
+            projectors = HintProjectors(self.hint_pairs, widths, args.projector, seed=args.seed)
+            if self.simkd:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(args.seed + 1)
+                    for tower, (d_student, d_teacher) in widths.items():  # bias-free: it folds into the projection
+                        projectors[f"{tower}_head"] = torch.nn.Linear(d_student, d_teacher, bias=False)
+                # the student's own projections are replaced by the teacher's (and folded in at save time)
+                model.visual_projection.requires_grad_(False)
+                model.text_projection.requires_grad_(False)
+            model.add_module(PROJECTORS, projectors)
         super().__init__(model=model, teacher=teacher, args=args, **kwargs)
         if self.hint_pairs:
             self.loss_fn = CombinedLoss([
@@ -299,7 +323,7 @@ class CLIPDistillationTrainer(DistillationTrainer):
         wanted = {tower for tower in ("image", "text") if f"teacher_{tower}" in self.needed_inputs}
         out = {f"teacher_{t}": inputs[f"teacher_{t}_embeds"] for t in wanted if f"teacher_{t}_embeds" in inputs}
         missing = wanted - {name.removeprefix("teacher_") for name in out}
-        if self.hint_pairs:  # the hidden states come only from the live teacher
+        if self.hint_pairs or self.simkd:  # the hidden states come only from the live teacher
             missing = {"image", "text"}
         if not missing:
             return out
@@ -313,13 +337,17 @@ class CLIPDistillationTrainer(DistillationTrainer):
                 input_ids, attention_mask = inputs["teacher_input_ids"], inputs.get("teacher_attention_mask")
             else:  # the teacher shares the student's tokenizer
                 input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        features = bool(self.hint_pairs) or self.simkd
         live = self.teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                            output_hidden_states=bool(self.hint_pairs))
+                            output_hidden_states=features)
         for tower in missing:
             if tower in wanted:
                 out[f"teacher_{tower}"] = getattr(live, f"{tower}_embeds")
-            if self.hint_pairs:
-                out[f"_{tower}_hidden"] = getattr(live, f"{tower}_hidden_states")
+            if features:
+                states = getattr(live, f"{tower}_hidden_states")
+                out[f"_{tower}_hidden"] = states
+                if self.simkd:
+                    out[f"teacher_{tower}_feature"] = self.teacher.pooled_features(tower, states[-1], input_ids)
         return out
 
     def student_inputs(self, model, inputs: dict) -> tuple[dict[str, Any], Any]:
@@ -335,6 +363,21 @@ class CLIPDistillationTrainer(DistillationTrainer):
         image = outputs.vision_model_output.pooler_output  # (B, E)
         text = outputs.text_model_output.pooler_output  # (B, E)
         student = {"student_image": image, "student_text": text}
+        if self.simkd:  # SimKD: projector, then the teacher's frozen projection, replace the student's own
+            unwrapped = self.accelerator.unwrap_model(model)
+            heads = getattr(unwrapped, PROJECTORS)
+            vision_last = outputs.vision_model_output.last_hidden_state
+            text_last = outputs.text_model_output.last_hidden_state  # after the final LayerNorm
+            ids = inputs["input_ids"]
+            pooled = {
+                "image": unwrapped.vision_model.post_layernorm(vision_last[:, 0]),
+                "text": text_last[torch.arange(ids.shape[0], device=text_last.device),
+                                  pooled_index(ids, unwrapped.config.text_config.eos_token_id).to(text_last.device)],
+            }
+            for tower, f_s in pooled.items():
+                feature = heads[f"{tower}_head"](f_s)
+                student[f"student_{tower}_feature"] = feature
+                student[f"student_{tower}"] = feature @ self.teacher.projection(tower).to(feature.dtype).T
         if self.hint_pairs:
             student["_image_hidden"] = outputs.vision_model_output.hidden_states
             student["_text_hidden"] = outputs.text_model_output.hidden_states
@@ -344,6 +387,8 @@ class CLIPDistillationTrainer(DistillationTrainer):
 
     def loss_inputs(self, student: dict[str, Any], teacher: dict[str, Any]) -> LossInputs:
         hints = self._hints(student, teacher, self._batch) if self.hint_pairs else {}
+        for key in [k for k in teacher if k.startswith("_")]:  # hidden states only SimKD's pooling read
+            del teacher[key]
         # Teacher targets in the student's dtype (under mixed precision both come out of autocast).
         teacher = {k: v.to(student[k.replace("teacher_", "student_")].dtype) for k, v in teacher.items()}
         return LossInputs(**student, **teacher, **hints)
@@ -355,11 +400,24 @@ class CLIPDistillationTrainer(DistillationTrainer):
         projectors = student._modules.get(PROJECTORS)
         if _internal_call or projectors is None:
             return super().save_model(output_dir, _internal_call)
+        if self.simkd:
+            self.fold_teacher_head()
         del student._modules[PROJECTORS]
         try:
             return super().save_model(output_dir, _internal_call)
         finally:
             student._modules[PROJECTORS] = projectors
+
+    @torch.no_grad()
+    def fold_teacher_head(self) -> None:
+        """SimKD's projector and the teacher's projection are two bias-free linear maps: write their product into
+        the student's own ``visual_projection`` / ``text_projection``, so the stock ``CLIPModel`` computes what the
+        trained student did."""
+        student = self.accelerator.unwrap_model(self.model)
+        heads = getattr(student, PROJECTORS)
+        for tower, layer in (("image", student.visual_projection), ("text", student.text_projection)):
+            folded = self.teacher.projection(tower).float() @ heads[f"{tower}_head"].weight.float()
+            layer.weight.copy_(folded.to(layer.weight.dtype))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._batch = inputs  # the hints read the batch's token ids and mask

@@ -86,14 +86,6 @@ class HintProjectors(nn.ModuleDict):
                               for k, _ in layer_pairs})
 
 
-def pooled_index(input_ids: Tensor, eos_token_id: int | None) -> Tensor:
-    """Where a CLIP text tower pools: the first end-of-text token (the largest id for the legacy ``eos_token_id``
-    2, as transformers and open_clip do)."""
-    if eos_token_id is None or eos_token_id == 2:
-        return input_ids.argmax(-1)
-    return (input_ids == eos_token_id).int().argmax(-1)
-
-
 def select_tokens(state: Tensor, tokens: str, index: Tensor | None = None, length: int | None = None) -> Tensor:
     """``(B, N, D)`` -> the hinted tokens: ``pooled`` the token at ``index`` (``None``: the first, the class
     token), ``all`` the first ``length`` tokens (every one when ``None``)."""
