@@ -135,17 +135,20 @@ def validate(
     elif args.teacher_name_or_path is None:
         raise ConfigError("teacher_name_or_path=None: required (the student's architecture is derived from it)")
     check_data_args(data_args)
-    if (args.hint_weight > 0 or args.simkd_weight > 0) and data_args.teacher_cache_dir:
-        raise ConfigError(f"teacher_cache_dir={data_args.teacher_cache_dir}: hint_weight / simkd_weight > 0 need "
-                          "the live teacher's hidden states, which the cache does not hold; drop one of them")
-    if args.hint_weight > 0:
-        for tower, shape in shapes.items():
-            depth = getattr(args, f"student_{tower}_layers") or -(-shape.layers // 2)
-            try:
-                n = len(parse_hint_layers(args.hint_layers, depth, tower))
-                parse_layer_weights(args.hint_layer_weights, n)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+    features = {"hint_weight": args.hint_weight, "attention_weight": args.attention_weight,
+                "simkd_weight": args.simkd_weight}
+    if any(w > 0 for w in features.values()) and data_args.teacher_cache_dir:
+        raise ConfigError(f"teacher_cache_dir={data_args.teacher_cache_dir}: {', '.join(k for k, w in features.items() if w > 0)}"
+                          " > 0 needs the live teacher's hidden states, which the cache does not hold; drop one of them")
+    for tower, shape in shapes.items():  # the layer choices against the student's depth
+        depth = getattr(args, f"student_{tower}_layers") or -(-shape.layers // 2)
+        try:
+            if args.hint_weight > 0:
+                parse_layer_weights(args.hint_layer_weights, len(parse_hint_layers(args.hint_layers, depth, tower)))
+            if args.attention_weight > 0:
+                parse_hint_layers(args.attention_layers, depth, tower, option="attention_layers")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if args.resume_from_checkpoint and str(args.resume_from_checkpoint).lower() not in LATEST:
         resolve_resume(args.resume_from_checkpoint, args.output_dir, require_optimizer=not args.save_only_model)  # a path: complete, or refused now
     return data_args, args

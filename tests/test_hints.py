@@ -190,3 +190,57 @@ def test_simkd_reuses_the_teacher_head_and_folds_it_into_a_stock_student(tmp_pat
         assert not [k for k in f.keys() if "mmkd" in k]
     log = trainer.state.log_history[0]
     assert {"loss_image_simkd", "loss_text_simkd"} <= set(log)
+
+
+def test_attention_kl_by_hand():
+    from mmkd.losses.features import attention_kl
+
+    t = torch.tensor([[[[0.5, 0.5], [1.0, 0.0]]]])  # (1 batch, 1 head, 2 rows, 2 keys)
+    s = torch.tensor([[[[0.25, 0.75], [1.0, 0.0]]]])
+    row0 = 0.5 * torch.log(torch.tensor(0.5 / 0.25)) + 0.5 * torch.log(torch.tensor(0.5 / 0.75))
+    assert attention_kl(t, s).item() == pytest.approx(row0.item() / 2, abs=1e-6)  # row 1 agrees: KL 0
+    assert attention_kl(t, s, row_mask=torch.tensor([[1, 0]])).item() == pytest.approx(row0.item(), abs=1e-6)
+    two_heads = torch.cat([t, t], dim=1)  # head counts differ: both sides averaged over heads
+    assert attention_kl(two_heads, s).item() == pytest.approx(row0.item() / 2, abs=1e-6)
+
+
+def test_recomputed_attention_is_what_each_backend_computes(open_clip_teacher, hf_teacher):
+    """attention_probs from a layer's input and weights equals the layer's own attention: transformers' eager
+    attention (causal + padding for text) and open_clip's MultiheadAttention."""
+    from mmkd.losses.features import attention_probs
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[49406, 320, 1929, 49407, 0], [49406, 320, 1929, 539, 49407]])
+    mask = (ids != 0).long()
+    model = hf_teacher.model
+    original = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the only implementation that returns the attention weights
+    try:
+        out = model.text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation(original)
+    for layer in range(2):
+        mine = attention_probs(out.hidden_states[layer], *hf_teacher.attention_weights("text", layer), causal=True)
+        real = out.attentions[layer]
+        keep = mask.bool()  # rows of real tokens (padded rows differ only where both mask everything)
+        torch.testing.assert_close(mine[keep[:, None, :].expand(-1, real.shape[1], -1)],
+                                   real[keep[:, None, :].expand(-1, real.shape[1], -1)], rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 5, 64)
+    block = open_clip_teacher.model.visual.transformer.resblocks[1]
+    h = block.ln_1(x)
+    _, real = block.attn(h, h, h, need_weights=True, average_attn_weights=False)
+    mine = attention_probs(x, *open_clip_teacher.attention_weights("image", 1))
+    torch.testing.assert_close(mine, real, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_transfer_trains_and_logs(tmp_path):
+    out = tmp_path / "att"
+    load_recipe("clip_student").main([
+        "--config", str(SMOKE), "--output_dir", str(out), "--num_generated_examples", "16",
+        "--per_device_train_batch_size", "8", "--max_steps", "2", "--logging_steps", "1", "--report_to", "none",
+        "--use_cpu", "true", "--attention_weight", "1", "--attention_layers", "all", "--student_text_heads", "1",
+        "--student_text_width", "32"])
+    log = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert log[0]["loss_image_attention"] > 0 and log[0]["loss_text_attention"] > 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "mmkd" in k]

@@ -7,7 +7,8 @@ terms; :func:`total_loss` sums them. The trainers build the modules from their l
 
 * :mod:`mmkd.losses.clip` -- triplet, embedding MSE / cosine, CLIP's contrastive loss, CLIP-KD's affinity term;
 * :mod:`mmkd.losses.match` -- the binary matcher's hard-label BCE, the soft logit terms, the feature term;
-* :mod:`mmkd.losses.features` -- hidden-state hints (FitNets) and SimKD's feature alignment.
+* :mod:`mmkd.losses.features` -- hidden-state hints (FitNets), self-attention transfer (MiniLM) and SimKD's
+  feature alignment.
 
 Teacher tensors are always constant targets (detached); half-precision inputs are upcast to float32.
 """
@@ -40,7 +41,12 @@ class LossInputs:
     teacher_image_hints: list[Tensor] | None = None
     student_text_hints: list[Tensor] | None = None
     teacher_text_hints: list[Tensor] | None = None
-    text_hint_mask: Tensor | None = None  # (B, T) 1 for real tokens, when text hints cover every token
+    text_hint_mask: Tensor | None = None  # (B, T) 1 for real tokens (text hints over every token, attention rows)
+    # attention transfer (mmkd.losses.features): per tower, (B, H, N, N) self-attention maps at mapped layers
+    student_image_attentions: list[Tensor] | None = None
+    teacher_image_attentions: list[Tensor] | None = None
+    student_text_attentions: list[Tensor] | None = None
+    teacher_text_attentions: list[Tensor] | None = None
     # SimKD (mmkd.losses.features): the student's pooled feature through its projector, the teacher's pre-projection one
     student_image_feature: Tensor | None = None  # (B, Dt)
     teacher_image_feature: Tensor | None = None

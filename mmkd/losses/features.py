@@ -1,5 +1,5 @@
-"""Feature-level distillation: hidden-state hints (FitNets, Romero et al., 2015) and SimKD's feature alignment
-(Chen et al., 2022).
+"""Feature-level distillation: hidden-state hints (FitNets, Romero et al., 2015), self-attention transfer (MiniLM,
+Wang et al., 2020) and SimKD's feature alignment (Chen et al., 2022).
 
 The trainer hands the loss, per tower, a list of ``(student hint, teacher hint)`` pairs: the student's hidden state
 at a mapped layer, already mapped to the teacher's width by its projector, and the teacher's hidden state at the
@@ -14,6 +14,7 @@ The tower's term is ``weight x sum_k w_k * d_k / sum_k w_k`` with ``w_k`` the la
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -106,4 +107,68 @@ class SimKDLoss(nn.Module):
             if s.shape != t.shape:
                 raise ValueError(f"SimKD feature shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
             out[f"{tower}_simkd"] = self.weight * ((s.float() - t.detach().float()) ** 2).mean()
+        return out
+
+
+MINILM = """@inproceedings{wang2020minilm,
+  title     = {MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained Transformers},
+  author    = {Wang, Wenhui and Wei, Furu and Dong, Li and Bao, Hangbo and Yang, Nan and Zhou, Ming},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2020}
+}"""
+
+
+def attention_probs(x: Tensor, ln: nn.Module, wq: Tensor, bq: Tensor | None, wk: Tensor, bk: Tensor | None,
+                    heads: int, causal: bool = False, key_mask: Tensor | None = None) -> Tensor:  # fmt: skip
+    """A layer's self-attention distributions ``(B, heads, N, N)`` from its input ``x`` ``(B, N, D)``: LayerNorm,
+    the q and k projections, ``softmax(q k^T / sqrt(head size))`` with the causal mask and padded keys
+    (``key_mask`` ``(B, N)``, 1 = real) excluded -- what the layer computes, for transformers and open_clip alike."""
+    h = ln(x)
+    b, n, _ = h.shape
+    q = F.linear(h, wq, bq).view(b, n, heads, -1).transpose(1, 2)
+    k = F.linear(h, wk, bk).view(b, n, heads, -1).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    return scores.float().softmax(-1)
+
+
+def attention_kl(teacher: Tensor, student: Tensor, row_mask: Tensor | None = None) -> Tensor:
+    """``KL(teacher || student)`` of attention rows ``(B, H, N, N)``, averaged over heads and the query rows
+    ``row_mask`` ``(B, N)`` keeps; with different head counts both sides are first averaged over their heads."""
+    if teacher.shape[1] != student.shape[1]:
+        teacher, student = teacher.mean(1, keepdim=True), student.mean(1, keepdim=True)
+    if teacher.shape != student.shape:
+        raise ValueError(f"attention shapes differ: teacher {tuple(teacher.shape)} vs student {tuple(student.shape)}")
+    t = teacher.detach().float()
+    kl = (t * (t.clamp_min(1e-12).log() - student.float().clamp_min(1e-12).log())).sum(-1)  # (B, H, N)
+    if row_mask is None:
+        return kl.mean()
+    w = row_mask.to(kl.dtype)[:, None, :].expand_as(kl)
+    return (kl * w).sum() / w.sum().clamp_min(1)
+
+
+class AttentionTransferLoss(nn.Module):
+    """MiniLM's self-attention distribution transfer at mapped layers: ``weight x mean_k KL(A_t || A_s)`` per tower
+    (terms ``image_attention``, ``text_attention``)."""
+
+    citation = MINILM
+    terms = ("image_attention", "text_attention")
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = float(weight)
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
+        out = {}
+        for tower in ("image", "text"):
+            students, teachers = (getattr(inputs, f"student_{tower}_attentions"),
+                                  getattr(inputs, f"teacher_{tower}_attentions"))
+            if not students or teachers is None or len(students) != len(teachers):
+                raise ValueError(f"the attention term needs as many student as teacher {tower} attention maps")
+            mask = inputs.text_hint_mask if tower == "text" else None
+            out[f"{tower}_attention"] = self.weight * sum(attention_kl(t, s, mask) for s, t in
+                                                          zip(students, teachers, strict=True)) / len(students)
         return out

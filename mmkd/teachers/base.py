@@ -24,6 +24,16 @@ if TYPE_CHECKING:
     from mmkd.data.preprocessing import Preprocessing
 
 
+def clip_attention_weights(model, tower: str, layer: int) -> tuple:
+    """``(layer norm, Wq, bq, Wk, bk, heads)`` of layer ``layer`` of a transformers ``CLIPModel`` tower (the student,
+    or a transformers teacher)."""
+    tm = model.vision_model if tower == "image" else model.text_model
+    block = tm.encoder.layers[layer]
+    att = block.self_attn
+    return (block.layer_norm1, att.q_proj.weight, att.q_proj.bias, att.k_proj.weight, att.k_proj.bias,
+            att.num_heads)
+
+
 def pooled_index(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
     """Where a CLIP text tower pools: the first end-of-text token (the largest id for the legacy ``eos_token_id``
     2, as transformers and open_clip do)."""
@@ -166,6 +176,11 @@ class CLIPTeacher(FrozenTeacher, abc.ABC):
     @abc.abstractmethod
     def projection(self, tower: str) -> torch.Tensor:
         """The tower's projection as an ``(E, D)`` matrix: ``embedding = pooled_features @ projection.T``."""
+
+    @abc.abstractmethod
+    def attention_weights(self, tower: str, layer: int) -> tuple:
+        """``(layer norm, Wq, bq, Wk, bk, heads)`` of a layer's self-attention, for
+        :func:`mmkd.losses.features.attention_probs`."""
 
     #: where the text tower pools: the first token with this id (``None``: the largest id, open_clip's rule)
     eos_token_id: int | None = None

@@ -67,6 +67,14 @@ class OpenCLIPTeacher(CLIPTeacher):
             return proj.weight.detach()
         return proj.detach().T
 
+    def attention_weights(self, tower, layer):
+        block = (self.model.visual.transformer if tower == "image" else self.model.transformer).resblocks[layer]
+        att = block.attn  # nn.MultiheadAttention: q, k, v stacked in in_proj
+        d = att.embed_dim
+        w, b = att.in_proj_weight, att.in_proj_bias
+        return (block.ln_1, w[:d], None if b is None else b[:d], w[d : 2 * d], None if b is None else b[d : 2 * d],
+                att.num_heads)
+
     def hidden_widths(self) -> dict[str, int]:
         return {"vision": int(self.model.visual.transformer.width), "text": int(self.model.transformer.width)}
 

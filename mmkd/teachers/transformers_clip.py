@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mmkd.data.preprocessing import Preprocessing, processor_preprocessing
-from mmkd.teachers.base import CLIPTeacher, pooled_index
+from mmkd.teachers.base import CLIPTeacher, clip_attention_weights, pooled_index
 
 
 def claims(name_or_path: str) -> bool:
@@ -45,6 +45,9 @@ class TransformersCLIPTeacher(CLIPTeacher):
 
     def projection(self, tower):
         return (self.model.visual_projection if tower == "image" else self.model.text_projection).weight.detach()
+
+    def attention_weights(self, tower, layer):
+        return clip_attention_weights(self.model, tower, layer)
 
     def hidden_widths(self) -> dict[str, int]:
         cfg = self.model.config

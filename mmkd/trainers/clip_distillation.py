@@ -28,11 +28,11 @@ from mmkd.losses.clip import (
     EmbeddingDistillationLoss,
     TripletLoss,
 )
-from mmkd.losses.features import HINT_KINDS, HintLoss, SimKDLoss
+from mmkd.losses.features import HINT_KINDS, AttentionTransferLoss, HintLoss, SimKDLoss, attention_probs
 from mmkd.students.clip import STRATEGIES
 from mmkd.students.width import IMPORTANCE
 from mmkd.teachers import BACKENDS
-from mmkd.teachers.base import pooled_index
+from mmkd.teachers.base import clip_attention_weights, pooled_index
 from mmkd.trainers.base import DistillationConfig, DistillationTrainer, LossTerm
 from mmkd.trainers.hints import (
     HINT_TOKENS,
@@ -100,6 +100,13 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
         checks={"hint_loss": one_of(*HINT_KINDS), "hint_tokens": one_of(*HINT_TOKENS),
                 "projector": one_of(*PROJECTOR_KINDS)},
         description="FitNets hidden-state hints (Romero et al., 2015)",
+    ),
+    "attention": LossTerm(
+        weight="attention_weight",
+        build=lambda a: AttentionTransferLoss(weight=a.attention_weight),
+        needs=frozenset({"student_image_attentions", "teacher_image_attentions", "student_text_attentions",
+                         "teacher_text_attentions"}),
+        description="MiniLM self-attention transfer (Wang et al., 2020)",
     ),
     "simkd": LossTerm(
         weight="simkd_weight",
@@ -212,6 +219,13 @@ class CLIPDistillationConfig(DistillationConfig):
     )
     hint_tokens: str = field(default="all", metadata={"help": "Hinted tokens: all, or pooled (class / end-of-text)."})
     hint_loss: str = field(default="mse", metadata={"help": f"Hint distance: {', '.join(HINT_KINDS)}."})
+    attention_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the self-attention transfer (KL of the attention distributions)."}
+    )
+    attention_layers: str = field(
+        default="last", metadata={"help": "Student layers whose attention is transferred: last, all or indices; "
+                                  "paired as for the hints."}
+    )
     simkd_weight: float = field(
         default=0.0, metadata={"help": "Weight of SimKD's feature alignment; > 0 also reuses the teacher's frozen "
                                "projections as the student's head (folded into the saved student's projections)."}
@@ -242,17 +256,23 @@ class CLIPDistillationTrainer(DistillationTrainer):
 
     def __init__(self, model=None, teacher=None, args: CLIPDistillationConfig = None, **kwargs):
         self.hint_pairs: dict[str, list[tuple[int, int]]] = {}
+        self.attention_pairs: dict[str, list[tuple[int, int]]] = {}
         active = args.active_terms() if args is not None else {}
         self.simkd = "simkd" in active
-        if "hint" in active or self.simkd:
+        if "attention" in active:
+            self.attention_pairs = self._plan_pairs(model, args.attention_layers, "attention_layers")
+        if "hint" in active or self.simkd or self.attention_pairs:
             if teacher is None:
-                raise ValueError("hint_weight / simkd_weight > 0: these terms need the live teacher's hidden states "
-                                 "(a teacher cache holds only embeddings); pass the teacher and drop "
-                                 "--teacher_cache_dir")
+                raise ValueError("hint_weight / attention_weight / simkd_weight > 0: these terms need the live "
+                                 "teacher's hidden states (a teacher cache holds only embeddings); pass the teacher "
+                                 "and drop --teacher_cache_dir")
             widths = {tower: (int(getattr(model.config, f"{TOWERS[tower]}_config").hidden_size),
                               teacher.hidden_widths()[TOWERS[tower]]) for tower in TOWERS}
             if "hint" in active:
-                self.hint_pairs, self.hint_layer_weights = self._plan_hints(model, teacher, args)
+                self.hint_pairs = self._plan_pairs(model, args.hint_layers)
+                self.hint_layer_weights = {
+                    tower: parse_layer_weights(args.hint_layer_weights, len(pairs)) or [1.0] * len(pairs)
+                    for tower, pairs in self.hint_pairs.items()}
             projectors = HintProjectors(self.hint_pairs, widths, args.projector, seed=args.seed)
             if self.simkd:
                 with torch.random.fork_rng(devices=[]):
@@ -275,18 +295,38 @@ class CLIPDistillationTrainer(DistillationTrainer):
         self.gathered_batch_size: int | None = None
 
     @staticmethod
-    def _plan_hints(model, teacher, args) -> tuple[dict[str, list[tuple[int, int]]], dict[str, list[float]]]:
-        """Per tower, the hinted (student layer, teacher layer) pairs and their weights."""
+    def _plan_pairs(model, spec: str, option: str = "hint_layers") -> dict[str, list[tuple[int, int]]]:
+        """Per tower, the (student layer, teacher layer) pairs of the student layers ``spec`` names
+        (:func:`~mmkd.trainers.hints.parse_hint_layers`), each with the teacher layer it was copied from."""
         init = getattr(model.config, "distillation_init", None) or {}
-        pairs, weights = {}, {}
+        pairs = {}
         for tower, cfg_name in TOWERS.items():
             n_student = int(getattr(model.config, f"{cfg_name}_config").num_hidden_layers)
             n_teacher = int(init.get(f"teacher_{cfg_name}_depth") or n_student)
             mapping = hint_layer_map(init, cfg_name, n_student, n_teacher)
-            layers = parse_hint_layers(args.hint_layers, n_student, cfg_name)
-            pairs[tower] = [(k, mapping[k]) for k in layers]
-            weights[tower] = parse_layer_weights(args.hint_layer_weights, len(layers)) or [1.0] * len(layers)
-        return pairs, weights
+            pairs[tower] = [(k, mapping[k]) for k in parse_hint_layers(spec, n_student, cfg_name, option)]
+        return pairs
+
+    def _attentions(self, student: dict[str, Any], teacher: dict[str, Any], inputs: dict) -> dict[str, Any]:
+        """The attention fields of :class:`LossInputs`: each mapped layer's self-attention distributions, recomputed
+        from its input hidden state and its LayerNorm / q / k weights (the student's with gradients)."""
+        if "teacher_input_ids" in inputs:
+            raise ValueError("attention_weight > 0: the teacher has its own tokenizer, so its text attention does not "
+                             "line up with the student's tokens")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        length, out = inputs["input_ids"].shape[1], {}
+        for tower, layer_pairs in self.attention_pairs.items():
+            causal = tower == "text"  # padded keys sit after the end-of-text token: the causal mask hides them
+            s_states, t_states = student[f"_{tower}_hidden"], teacher[f"_{tower}_hidden"]
+            out[f"student_{tower}_attentions"] = [
+                attention_probs(s_states[k], *clip_attention_weights(unwrapped, tower, k), causal=causal)
+                for k, _ in layer_pairs]
+            with torch.no_grad():
+                out[f"teacher_{tower}_attentions"] = [
+                    attention_probs(t_states[j][:, :length] if causal else t_states[j],
+                                    *self.teacher.attention_weights(tower, j), causal=causal)
+                    for _, j in layer_pairs]
+        return out
 
     def _hints(self, student: dict[str, Any], teacher: dict[str, Any], inputs: dict) -> dict[str, Any]:
         """The hint fields of :class:`LossInputs`: mapped hidden states, the student's projected."""
@@ -323,7 +363,7 @@ class CLIPDistillationTrainer(DistillationTrainer):
         wanted = {tower for tower in ("image", "text") if f"teacher_{tower}" in self.needed_inputs}
         out = {f"teacher_{t}": inputs[f"teacher_{t}_embeds"] for t in wanted if f"teacher_{t}_embeds" in inputs}
         missing = wanted - {name.removeprefix("teacher_") for name in out}
-        if self.hint_pairs or self.simkd:  # the hidden states come only from the live teacher
+        if self.hint_pairs or self.attention_pairs or self.simkd:  # hidden states come only from the live teacher
             missing = {"image", "text"}
         if not missing:
             return out
@@ -337,7 +377,7 @@ class CLIPDistillationTrainer(DistillationTrainer):
                 input_ids, attention_mask = inputs["teacher_input_ids"], inputs.get("teacher_attention_mask")
             else:  # the teacher shares the student's tokenizer
                 input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        features = bool(self.hint_pairs) or self.simkd
+        features = bool(self.hint_pairs or self.attention_pairs) or self.simkd
         live = self.teacher(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
                             output_hidden_states=features)
         for tower in missing:
@@ -355,7 +395,7 @@ class CLIPDistillationTrainer(DistillationTrainer):
             input_ids=inputs["input_ids"],
             attention_mask=inputs.get("attention_mask"),
             pixel_values=inputs["pixel_values"],
-            output_hidden_states=bool(self.hint_pairs),
+            output_hidden_states=bool(self.hint_pairs or self.attention_pairs),
             return_dict=True,
         )
         # CLIPModel.forward's tower outputs are get_image_features / get_text_features' own: their pooler_output is
@@ -378,7 +418,7 @@ class CLIPDistillationTrainer(DistillationTrainer):
                 feature = heads[f"{tower}_head"](f_s)
                 student[f"student_{tower}_feature"] = feature
                 student[f"student_{tower}"] = feature @ self.teacher.projection(tower).to(feature.dtype).T
-        if self.hint_pairs:
+        if self.hint_pairs or self.attention_pairs:
             student["_image_hidden"] = outputs.vision_model_output.hidden_states
             student["_text_hidden"] = outputs.text_model_output.hidden_states
         if "logit_scale" in self.needed_inputs:
@@ -386,12 +426,18 @@ class CLIPDistillationTrainer(DistillationTrainer):
         return student, outputs
 
     def loss_inputs(self, student: dict[str, Any], teacher: dict[str, Any]) -> LossInputs:
-        hints = self._hints(student, teacher, self._batch) if self.hint_pairs else {}
-        for key in [k for k in teacher if k.startswith("_")]:  # hidden states only SimKD's pooling read
-            del teacher[key]
+        extra = self._attentions(student, teacher, self._batch) if self.attention_pairs else {}
+        if self.hint_pairs:
+            extra.update(self._hints(student, teacher, self._batch))
+        if self.attention_pairs and "text_hint_mask" not in extra:  # the attention rows of real tokens
+            mask = self._batch.get("attention_mask")
+            extra["text_hint_mask"] = mask if mask is not None else torch.ones_like(self._batch["input_ids"])
+        for side in (student, teacher):  # the hidden states, read by the terms above only
+            for key in [k for k in side if k.startswith("_")]:
+                del side[key]
         # Teacher targets in the student's dtype (under mixed precision both come out of autocast).
         teacher = {k: v.to(student[k.replace("teacher_", "student_")].dtype) for k, v in teacher.items()}
-        return LossInputs(**student, **teacher, **hints)
+        return LossInputs(**student, **teacher, **extra)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (``_internal_call``) keep the hint projectors, so a resume is exact; the final student is

@@ -35,7 +35,7 @@ def hint_layer_map(init: Mapping | None, tower: str, n_student: int, n_teacher: 
     return [((k + 1) * n_teacher) // n_student - 1 for k in range(n_student)]
 
 
-def parse_hint_layers(spec: str, n_student: int, tower: str = "") -> list[int]:
+def parse_hint_layers(spec: str, n_student: int, tower: str = "", option: str = "hint_layers") -> list[int]:
     """``last`` -> ``[n - 1]``; ``all`` -> every layer; ``"0,2"`` -> those student layers (checked)."""
     spec = str(spec).strip()
     if spec == "last":
@@ -45,10 +45,10 @@ def parse_hint_layers(spec: str, n_student: int, tower: str = "") -> list[int]:
     try:
         layers = [int(x) for x in spec.split(",")]
     except ValueError:
-        raise ValueError(f"hint_layers={spec!r}: last, all or comma-separated student layer indices") from None
+        raise ValueError(f"{option}={spec!r}: last, all or comma-separated student layer indices") from None
     bad = [k for k in layers if not 0 <= k < n_student]
     if bad or len(set(layers)) != len(layers):
-        raise ValueError(f"hint_layers={spec!r}: the {tower} student has layers 0..{n_student - 1}, each at most once")
+        raise ValueError(f"{option}={spec!r}: the {tower} student has layers 0..{n_student - 1}, each at most once")
     return sorted(layers)
 
 
