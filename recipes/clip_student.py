@@ -54,13 +54,14 @@ from mmkd.data import CLIPDistillationCollator
 from mmkd.data.cache import cache_teacher_embeddings
 from mmkd.data.sources import DataArguments, check_data_args, describe_dataset, load_train_dataset
 from mmkd.distributed import shutdown
+from mmkd.losses.features import parse_layer_weights
 from mmkd.reporting.hardware import hardware_description
 from mmkd.students import build_student, count_parameters
 from mmkd.students.width import resolve_width
 from mmkd.teachers import check_teacher_spec, load_teacher, teacher_shapes
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
 from mmkd.trainers.checkpoints import LATEST, resolve_resume
-from mmkd.trainers.hints import parse_hint_layers, parse_layer_weights
+from mmkd.trainers.hints import parse_hint_layers
 
 
 # 1. Arguments, teacher and student --------------------------------------------------------------------------------

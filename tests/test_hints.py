@@ -16,13 +16,12 @@ from safetensors.torch import load_file
 from transformers import CLIPModel
 
 from mmkd.losses import LossInputs
-from mmkd.losses.features import HintLoss, hint_distance
+from mmkd.losses.features import HintLoss, hint_distance, parse_layer_weights
 from mmkd.students import build_student
 from mmkd.teachers.base import pooled_index
 from mmkd.trainers.hints import (
     hint_layer_map,
     parse_hint_layers,
-    parse_layer_weights,
     select_tokens,
 )
 from tests.conftest import REPO, load_recipe
@@ -47,11 +46,15 @@ def test_the_hint_term_weights_layers_and_towers():
     one, two = torch.ones(2, 4), torch.zeros(2, 4)
     inputs = LossInputs(student_image_hints=[one, one], teacher_image_hints=[two, one],  # distances 1 and 0
                         student_text_hints=[one], teacher_text_hints=[two])
-    terms = HintLoss(weight=2.0, layer_weights={"image": [3.0, 1.0]})(inputs)
+    terms = HintLoss(weight=2.0)(inputs)
+    assert terms["image_hint"].item() == pytest.approx(2.0 * (1 + 0) / 2)
+    assert terms["text_hint"].item() == pytest.approx(2.0)
+    inputs.student_text_hints, inputs.teacher_text_hints = [one, one], [two, two]
+    terms = HintLoss(weight=2.0, layer_weights="3,1")(inputs)  # earlier layers weigh more
     assert terms["image_hint"].item() == pytest.approx(2.0 * (3 * 1 + 1 * 0) / 4)
     assert terms["text_hint"].item() == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="1 image layer weights for 2 hinted layers"):
-        HintLoss(layer_weights={"image": [1.0]})(inputs)
+    with pytest.raises(ValueError, match="hint_layer_weights='1': 1 weights for 2 hinted layers"):
+        HintLoss(layer_weights="1")(inputs)
 
 
 def test_layer_maps_and_token_selection():
@@ -170,8 +173,12 @@ def test_simkd_reuses_the_teacher_head_and_folds_it_into_a_stock_student(tmp_pat
     student, _ = build_student(teacher.to_transformers(), vision_width=16, text_width=16)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer = make_trainer(teacher, shapes, make_config(tmp_path, simkd_weight=1.0, image_distill_weight=0.5), student)
+    untrained = {k: v.clone() for k, v in trainer.model.mmkd_projectors.state_dict().items()}
     trainer.train()
     heads = trainer.model.mmkd_projectors
+    assert all(not torch.equal(untrained[k], v) for k, v in heads.state_dict().items())  # both heads trained
+    changed = [k for k, v in student.state_dict().items() if not k.startswith("mmkd") and not torch.equal(before[k], v)]
+    assert "vision_model.encoder.layers.1.mlp.fc2.weight" in changed and "text_model.embeddings.token_embedding.weight" in changed
     assert heads["image_head"].weight.shape == (teacher.hidden_widths()["vision"], 16)
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.eval()
@@ -244,3 +251,16 @@ def test_attention_transfer_trains_and_logs(tmp_path):
     assert log[0]["loss_image_attention"] > 0 and log[0]["loss_text_attention"] > 0
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "mmkd" in k]
+
+
+def test_simkd_starts_where_weight_inheritance_started(open_clip_teacher, shapes, tmp_path):
+    """The projector selects the kept channels, so teacher projection @ P is the inherited (sliced) projection."""
+    from tests.test_trainer import make_config, make_trainer
+
+    student, _ = build_student(open_clip_teacher.to_transformers(), vision_width=32)
+    inherited = student.visual_projection.weight.clone()
+    trainer = make_trainer(open_clip_teacher, shapes, make_config(tmp_path, simkd_weight=1.0), student)
+    head = trainer.model.mmkd_projectors["image_head"].weight
+    torch.testing.assert_close(open_clip_teacher.projection("image") @ head, inherited)
+    text_head = trainer.model.mmkd_projectors["text_head"].weight
+    assert torch.equal(text_head, torch.eye(text_head.shape[0]))  # equal width: the identity

@@ -46,36 +46,65 @@ def hint_distance(student: Tensor, teacher: Tensor, kind: str = "mse", mask: Ten
     return (per_token * w).sum() / w.sum().clamp_min(1)
 
 
-class HintLoss(nn.Module):
+def parse_layer_weights(spec: str | None, n: int) -> list[float] | None:
+    """``"0.5,1"`` -> ``[0.5, 1.0]`` (one per hinted layer, >= 0, not all 0); ``None`` -> equal weights."""
+    if spec is None or str(spec).strip() == "":
+        return None
+    try:
+        weights = [float(x) for x in str(spec).split(",")]
+    except ValueError:
+        raise ValueError(f"hint_layer_weights={spec!r}: comma-separated numbers") from None
+    if len(weights) != n:
+        raise ValueError(f"hint_layer_weights={spec!r}: {len(weights)} weights for {n} hinted layers")
+    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"hint_layer_weights={spec!r}: weights must be >= 0 and not all 0")
+    return weights
+
+
+class _PerTowerTerm(nn.Module):
+    """``weight x`` one value per tower (:meth:`value`), returned as the terms ``image_<name>`` and ``text_<name>``."""
+
+    name: str = ""
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = float(weight)
+
+    @property
+    def terms(self) -> tuple[str, str]:
+        return (f"image_{self.name}", f"text_{self.name}")
+
+    def value(self, inputs: LossInputs, tower: str) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
+        return {f"{tower}_{self.name}": self.weight * self.value(inputs, tower) for tower in ("image", "text")}
+
+
+class HintLoss(_PerTowerTerm):
     """FitNets hints for both towers: terms ``image_hint`` and ``text_hint`` (see the module docstring)."""
 
     citation = FITNETS
-    terms = ("image_hint", "text_hint")
+    name = "hint"
 
-    def __init__(self, weight: float = 1.0, kind: str = "mse", layer_weights: dict[str, list[float]] | None = None):
-        super().__init__()
+    def __init__(self, weight: float = 1.0, kind: str = "mse", layer_weights: str | None = None):
+        super().__init__(weight)
         if kind not in HINT_KINDS:
             raise ValueError(f"unknown hint loss {kind!r}; choose one of {', '.join(HINT_KINDS)}")
-        self.weight, self.kind = float(weight), kind
-        self.layer_weights = layer_weights or {}
+        self.kind = kind
+        self.layer_weights = layer_weights  # "0.5,1": one per hinted layer of each tower (None: equal)
 
-    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
-        out = {}
-        for tower in ("image", "text"):
-            students, teachers = getattr(inputs, f"student_{tower}_hints"), getattr(inputs, f"teacher_{tower}_hints")
-            if students is None or teachers is None:
-                raise ValueError(f"the hint term needs student_{tower}_hints and teacher_{tower}_hints")
-            if len(students) != len(teachers) or not students:
-                raise ValueError(f"{len(students)} student vs {len(teachers)} teacher {tower} hints")
-            weights = self.layer_weights.get(tower) or [1.0] * len(students)
-            if len(weights) != len(students):
-                raise ValueError(f"{len(weights)} {tower} layer weights for {len(students)} hinted layers")
-            mask = inputs.text_hint_mask if tower == "text" else None
-            total = sum(w * hint_distance(s, t, self.kind, mask) for w, s, t in zip(weights, students, teachers,
-                                                                                    strict=True))
-            out[f"{tower}_hint"] = self.weight * total / sum(weights)
-        return out
-
+    def value(self, inputs: LossInputs, tower: str) -> Tensor:
+        students, teachers = getattr(inputs, f"student_{tower}_hints"), getattr(inputs, f"teacher_{tower}_hints")
+        if students is None or teachers is None:
+            raise ValueError(f"the hint term needs student_{tower}_hints and teacher_{tower}_hints")
+        if len(students) != len(teachers) or not students:
+            raise ValueError(f"{len(students)} student vs {len(teachers)} teacher {tower} hints")
+        weights = parse_layer_weights(self.layer_weights, len(students)) or [1.0] * len(students)
+        mask = inputs.text_hint_mask if tower == "text" else None
+        total = sum(w * hint_distance(s, t, self.kind, mask) for w, s, t in zip(weights, students, teachers,
+                                                                                strict=True))
+        return total / sum(weights)
 
 
 SIMKD = """@inproceedings{chen2022simkd,
@@ -86,28 +115,21 @@ SIMKD = """@inproceedings{chen2022simkd,
 }"""
 
 
-class SimKDLoss(nn.Module):
+class SimKDLoss(_PerTowerTerm):
     """SimKD: the student's pooled feature, through its projector, against the teacher's pre-projection pooled
     feature, ``weight x mean((P f_s - f_t)^2)`` per tower (terms ``image_simkd``, ``text_simkd``); the student's
     embedding is then the teacher's projection of ``P f_s`` (the trainer reuses the teacher's head)."""
 
     citation = SIMKD
-    terms = ("image_simkd", "text_simkd")
+    name = "simkd"
 
-    def __init__(self, weight: float = 1.0):
-        super().__init__()
-        self.weight = float(weight)
-
-    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
-        out = {}
-        for tower in ("image", "text"):
-            s, t = getattr(inputs, f"student_{tower}_feature"), getattr(inputs, f"teacher_{tower}_feature")
-            if s is None or t is None:
-                raise ValueError(f"the SimKD term needs student_{tower}_feature and teacher_{tower}_feature")
-            if s.shape != t.shape:
-                raise ValueError(f"SimKD feature shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
-            out[f"{tower}_simkd"] = self.weight * ((s.float() - t.detach().float()) ** 2).mean()
-        return out
+    def value(self, inputs: LossInputs, tower: str) -> Tensor:
+        s, t = getattr(inputs, f"student_{tower}_feature"), getattr(inputs, f"teacher_{tower}_feature")
+        if s is None or t is None:
+            raise ValueError(f"the SimKD term needs student_{tower}_feature and teacher_{tower}_feature")
+        if s.shape != t.shape:
+            raise ValueError(f"SimKD feature shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+        return ((s.float() - t.detach().float()) ** 2).mean()
 
 
 MINILM = """@inproceedings{wang2020minilm,
@@ -150,25 +172,17 @@ def attention_kl(teacher: Tensor, student: Tensor, row_mask: Tensor | None = Non
     return (kl * w).sum() / w.sum().clamp_min(1)
 
 
-class AttentionTransferLoss(nn.Module):
+class AttentionTransferLoss(_PerTowerTerm):
     """MiniLM's self-attention distribution transfer at mapped layers: ``weight x mean_k KL(A_t || A_s)`` per tower
     (terms ``image_attention``, ``text_attention``)."""
 
     citation = MINILM
-    terms = ("image_attention", "text_attention")
+    name = "attention"
 
-    def __init__(self, weight: float = 1.0):
-        super().__init__()
-        self.weight = float(weight)
-
-    def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
-        out = {}
-        for tower in ("image", "text"):
-            students, teachers = (getattr(inputs, f"student_{tower}_attentions"),
-                                  getattr(inputs, f"teacher_{tower}_attentions"))
-            if not students or teachers is None or len(students) != len(teachers):
-                raise ValueError(f"the attention term needs as many student as teacher {tower} attention maps")
-            mask = inputs.text_hint_mask if tower == "text" else None
-            out[f"{tower}_attention"] = self.weight * sum(attention_kl(t, s, mask) for s, t in
-                                                          zip(students, teachers, strict=True)) / len(students)
-        return out
+    def value(self, inputs: LossInputs, tower: str) -> Tensor:
+        students = getattr(inputs, f"student_{tower}_attentions")
+        teachers = getattr(inputs, f"teacher_{tower}_attentions")
+        if not students or teachers is None or len(students) != len(teachers):
+            raise ValueError(f"the attention term needs as many student as teacher {tower} attention maps")
+        mask = inputs.text_hint_mask if tower == "text" else None
+        return sum(attention_kl(t, s, mask) for s, t in zip(students, teachers, strict=True)) / len(students)

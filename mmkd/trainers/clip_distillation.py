@@ -21,14 +21,21 @@ from typing import Any, ClassVar
 import torch
 
 from mmkd.checks import at_least, greater_than, integer_at_least, one_of, optional
-from mmkd.losses import CombinedLoss, LossInputs
+from mmkd.losses import LossInputs
 from mmkd.losses.clip import (
     AffinityDistillationLoss,
     CLIPContrastiveLoss,
     EmbeddingDistillationLoss,
     TripletLoss,
 )
-from mmkd.losses.features import HINT_KINDS, AttentionTransferLoss, HintLoss, SimKDLoss, attention_probs
+from mmkd.losses.features import (
+    HINT_KINDS,
+    AttentionTransferLoss,
+    HintLoss,
+    SimKDLoss,
+    attention_probs,
+    parse_layer_weights,
+)
 from mmkd.students.clip import STRATEGIES
 from mmkd.students.width import IMPORTANCE
 from mmkd.teachers import BACKENDS
@@ -42,7 +49,6 @@ from mmkd.trainers.hints import (
     HintProjectors,
     hint_layer_map,
     parse_hint_layers,
-    parse_layer_weights,
     select_tokens,
 )
 
@@ -95,7 +101,7 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
     ),
     "hint": LossTerm(
         weight="hint_weight",
-        build=lambda a: HintLoss(weight=a.hint_weight, kind=a.hint_loss),
+        build=lambda a: HintLoss(weight=a.hint_weight, kind=a.hint_loss, layer_weights=a.hint_layer_weights),
         needs=frozenset({"student_image_hints", "teacher_image_hints", "student_text_hints", "teacher_text_hints"}),
         checks={"hint_loss": one_of(*HINT_KINDS), "hint_tokens": one_of(*HINT_TOKENS),
                 "projector": one_of(*PROJECTOR_KINDS)},
@@ -270,29 +276,40 @@ class CLIPDistillationTrainer(DistillationTrainer):
                               teacher.hidden_widths()[TOWERS[tower]]) for tower in TOWERS}
             if "hint" in active:
                 self.hint_pairs = self._plan_pairs(model, args.hint_layers)
-                self.hint_layer_weights = {
-                    tower: parse_layer_weights(args.hint_layer_weights, len(pairs)) or [1.0] * len(pairs)
-                    for tower, pairs in self.hint_pairs.items()}
+                for pairs in self.hint_pairs.values():  # the layer weights fit the hinted layers, or fail now
+                    parse_layer_weights(args.hint_layer_weights, len(pairs))
             projectors = HintProjectors(self.hint_pairs, widths, args.projector, seed=args.seed)
             if self.simkd:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(args.seed + 1)
                     for tower, (d_student, d_teacher) in widths.items():  # bias-free: it folds into the projection
-                        projectors[f"{tower}_head"] = torch.nn.Linear(d_student, d_teacher, bias=False)
+                        head = torch.nn.Linear(d_student, d_teacher, bias=False)
+                        self._inherit_head(head, model, tower)
+                        projectors[f"{tower}_head"] = head
                 # the student's own projections are replaced by the teacher's (and folded in at save time)
                 model.visual_projection.requires_grad_(False)
                 model.text_projection.requires_grad_(False)
             model.add_module(PROJECTORS, projectors)
         super().__init__(model=model, teacher=teacher, args=args, **kwargs)
-        if self.hint_pairs:
-            self.loss_fn = CombinedLoss([
-                HintLoss(args.hint_weight, args.hint_loss, self.hint_layer_weights) if isinstance(m, HintLoss) else m
-                for m in self.loss_fn.losses
-            ])
         if "logit_scale" not in self.needed_inputs:
             # Only InfoNCE reads the student's temperature; a parameter with no gradient would stall DDP.
             self.accelerator.unwrap_model(self.model).logit_scale.requires_grad_(False)
         self.gathered_batch_size: int | None = None
+
+    @staticmethod
+    @torch.no_grad()
+    def _inherit_head(head: torch.nn.Linear, model, tower: str) -> None:
+        """Start SimKD's projector where weight inheritance started the student: a student initialised from the
+        teacher has the teacher's projection restricted to its kept hidden channels, so the projector that makes
+        ``teacher projection @ P`` equal to it selects those channels (the identity at equal width). A student
+        from scratch keeps the random projector."""
+        init = getattr(model.config, "distillation_init", None) or {}
+        if init.get("strategy") == "random" or not init.get(f"{TOWERS[tower]}_layers"):
+            return
+        plan = (init.get("width_plan") or {}).get(TOWERS[tower])
+        kept = plan["hidden"] if plan else list(range(head.in_features))
+        head.weight.zero_()
+        head.weight[torch.tensor(kept), torch.arange(head.in_features)] = 1.0
 
     @staticmethod
     def _plan_pairs(model, spec: str, option: str = "hint_layers") -> dict[str, list[tuple[int, int]]]:

@@ -52,21 +52,6 @@ def parse_hint_layers(spec: str, n_student: int, tower: str = "", option: str = 
     return sorted(layers)
 
 
-def parse_layer_weights(spec: str | None, n: int) -> list[float] | None:
-    """``"0.5,1"`` -> ``[0.5, 1.0]`` (one per hinted layer, >= 0, not all 0); ``None`` -> equal weights."""
-    if spec is None or str(spec).strip() == "":
-        return None
-    try:
-        weights = [float(x) for x in str(spec).split(",")]
-    except ValueError:
-        raise ValueError(f"hint_layer_weights={spec!r}: comma-separated numbers") from None
-    if len(weights) != n:
-        raise ValueError(f"hint_layer_weights={spec!r}: {len(weights)} weights for {n} hinted layers")
-    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
-        raise ValueError(f"hint_layer_weights={spec!r}: weights must be >= 0 and not all 0")
-    return weights
-
-
 def _projector(kind: str, d_in: int, d_out: int) -> nn.Module:
     if kind == "linear":
         return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out, bias=False)
