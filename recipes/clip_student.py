@@ -178,7 +178,9 @@ def main(
     set_seed(args.seed)
     rows = (calibration_rows(train_dataset, args.calibration_samples)
             if args.student_width_importance == "activation" else None)
-    teacher, student, processor, init, counts = build_models(args, rows, data_args.image_column, data_args.text_column)
+    with config_errors():  # a shape only the loaded teacher can check (a hub id) is one line too
+        teacher, student, processor, init, counts = build_models(args, rows, data_args.image_column,
+                                                                 data_args.text_column)
     teacher_params, student_params = counts["teacher"], counts["student"]
     use_cache = data_args.teacher_cache_dir is not None and args.needs_teacher
     if use_cache:
@@ -200,14 +202,15 @@ def main(
     )
 
     # 4. Train ------------------------------------------------------------------------------------------------------
-    trainer = CLIPDistillationTrainer(
-        model=student,
-        teacher=teacher if args.needs_teacher and not use_cache else None,
-        args=args,
-        train_dataset=train_dataset,
-        data_collator=collator,
-        processing_class=processor,
-    )
+    with config_errors():  # the feature terms' layer pairs, checked against the loaded teacher
+        trainer = CLIPDistillationTrainer(
+            model=student,
+            teacher=teacher if args.needs_teacher and not use_cache else None,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=collator,
+            processing_class=processor,
+        )
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the logged losses, for plots and the model card

@@ -62,20 +62,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def train(args, shape: str, variant: str, seed: int, folder: Path) -> dict[str, Any]:
-    if (folder / "training_summary.json").is_file() and (folder / "model.safetensors").is_file():
-        return json.loads((folder / "training_summary.json").read_text())
-    from mmkd.args import import_script
+RUN_RECORD = "feature_study_run.json"
 
-    clip_student = import_script(RECIPES / "clip_student.py")
+
+def train(args, shape: str, variant: str, seed: int, folder: Path) -> dict[str, Any]:
+    """Train one student, or reuse the folder's when it finished a run of exactly these arguments."""
     argv = ["--config", str(STUDENT_CONFIG), "--teacher_name_or_path", args.teacher, "--output_dir", str(folder),
             "--seed", str(seed), "--report_to", "none", *SHAPES[shape], *VARIANTS[variant]]
     if args.max_steps:
         argv += ["--max_steps", str(args.max_steps)]
     if args.data_dir:
         argv += ["--data_dir", args.data_dir]
+    record = folder / RUN_RECORD
+    if record.is_file() and json.loads(record.read_text()).get("argv") == argv:
+        return json.loads((folder / "training_summary.json").read_text())
+    from mmkd.args import import_script
+
+    clip_student = import_script(RECIPES / "clip_student.py")
     print(f"[feature study] {shape} / {variant} / seed {seed}", flush=True)
-    return clip_student.main(argv)
+    summary = clip_student.main(argv)
+    record.write_text(json.dumps({"argv": argv}, indent=2) + "\n")  # written last: the run is complete
+    return summary
 
 
 def evaluate(args, folder: Path, test, templates, cross: bool) -> dict[str, Any]:
@@ -160,7 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for shape in shapes:
         for variant in variants:
             run(shape, variant, args.seed)
-    extra = [int(s) for s in args.deciding_seeds.split(",") if s.strip()]
+    extra = [seed for seed in dict.fromkeys(int(s) for s in args.deciding_seeds.split(",") if s.strip())
+             if seed != args.seed]  # the first seed is already run
     if "narrow" in shapes and extra and "output" in variants and len(variants) > 1:
         best = max((v for v in variants if v != "output"), key=lambda v: runs["narrow", v][0]["acc1"])
         for variant in ("output", best):

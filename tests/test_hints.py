@@ -62,12 +62,12 @@ def test_layer_maps_and_token_selection():
     assert hint_layer_map(init, "vision", 3, 6) == [0, 2, 4]  # the layer each was copied from
     assert hint_layer_map(init, "text", 3, 6) == [1, 3, 5]  # random init: proportional, last with last
     assert parse_hint_layers("last", 3) == [2] and parse_hint_layers("all", 3) == [0, 1, 2]
-    assert parse_hint_layers("2,0", 3) == [0, 2]
+    assert parse_hint_layers("2,0", 3) == [2, 0]  # the order given, which hint_layer_weights follow
     for bad in ("3", "0,0", "x"):
         with pytest.raises(ValueError, match="hint_layers"):
             parse_hint_layers(bad, 3)
     assert parse_layer_weights("0.5,1", 2) == [0.5, 1.0] and parse_layer_weights(None, 2) is None
-    for bad in ("1", "0,0", "a,b", "-1,2"):
+    for bad in ("1", "0,0", "a,b", "-1,2", "inf,1", "nan,1"):
         with pytest.raises(ValueError, match="hint_layer_weights"):
             parse_layer_weights(bad, 2)
     ids = torch.tensor([[49406, 5, 49407, 0], [49406, 5, 6, 49407]])
@@ -184,7 +184,7 @@ def test_simkd_reuses_the_teacher_head_and_folds_it_into_a_stock_student(tmp_pat
     trainer.model.eval()
     with torch.no_grad():
         trained, _ = trainer.student_inputs(trainer.model, batch)
-    assert torch.equal(student.visual_projection.weight, before["visual_projection.weight"])  # frozen, unused
+    assert not student.visual_projection.weight.requires_grad  # not trained: the fold of projector x teacher's
     trainer.save_model(str(tmp_path / "saved"))
     saved = CLIPModel.from_pretrained(tmp_path / "saved").eval()
     with torch.no_grad():
@@ -264,3 +264,24 @@ def test_simkd_starts_where_weight_inheritance_started(open_clip_teacher, shapes
     torch.testing.assert_close(open_clip_teacher.projection("image") @ head, inherited)
     text_head = trainer.model.mmkd_projectors["text_head"].weight
     assert torch.equal(text_head, torch.eye(text_head.shape[0]))  # equal width: the identity
+
+
+def test_simkd_keeps_the_student_projections_folded_during_training(open_clip_teacher, shapes, tmp_path):
+    """After every step (so at every checkpoint and evaluation) the stock projection is projector x teacher's."""
+    from tests.test_trainer import make_config, make_trainer
+
+    student, _ = build_student(open_clip_teacher.to_transformers(), vision_width=32)
+    trainer = make_trainer(open_clip_teacher, shapes, make_config(tmp_path, simkd_weight=1.0, max_steps=2), student)
+    trainer.train()
+    head = trainer.model.mmkd_projectors["image_head"].weight
+    torch.testing.assert_close(student.visual_projection.weight, open_clip_teacher.projection("image") @ head)
+
+
+def test_hint_layers_keep_the_order_their_weights_follow(open_clip_teacher, shapes, tmp_path):
+    from tests.test_trainer import make_config, make_trainer
+
+    student, _ = build_student(open_clip_teacher.to_transformers(), vision_depth=2, text_depth=2)
+    trainer = make_trainer(open_clip_teacher, shapes, make_config(tmp_path, hint_weight=1.0, hint_layers="1,0",
+                                                                   hint_layer_weights="1,0.1"), student)
+    # student layer 1 (copied from teacher layer 2) first, with weight 1; layer 0 with 0.1
+    assert trainer.hint_pairs["image"] == [(1, 2), (0, 0)]

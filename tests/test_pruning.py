@@ -109,3 +109,19 @@ def test_the_command_line_takes_several_students_and_prune_specs(pair, tmp_path,
                      "--prune", "magnitude:2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mmkd report: error: --prune 'magnitude:2'") and "\n" not in err
+
+
+def test_sparse_size_is_the_compact_csr(model):
+    """int32 indices in their own storages: about values + column indices + row pointers, not twice that."""
+    pruned = magnitude_prune(model, 0.7)
+    nnz = sum(int((getattr(m, name) != 0).sum()) for m, name in prunable_linears(pruned))
+    rows = sum(getattr(m, name).shape[0] + 1 for m, name in prunable_linears(pruned))
+    dense_rest = sum(v.numel() * 4 for k, v in pruned.state_dict().items()
+                     if not any(v is getattr(m, n) for m, n in prunable_linears(pruned)))
+    csr_bytes = nnz * (4 + 4) + rows * 4
+    assert sparse_size(pruned) == pytest.approx(dense_rest + csr_bytes, rel=0.05)  # + torch.save's small overhead
+
+
+def test_duplicate_prune_rows_are_refused(open_clip_teacher, pair):  # noqa: F811
+    with pytest.raises(ValueError, match="asked twice"):
+        compression_report(open_clip_teacher, pair["student"], None, prune=[("magnitude", 0.5), ("magnitude", 0.5)])

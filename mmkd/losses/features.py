@@ -56,8 +56,8 @@ def parse_layer_weights(spec: str | None, n: int) -> list[float] | None:
         raise ValueError(f"hint_layer_weights={spec!r}: comma-separated numbers") from None
     if len(weights) != n:
         raise ValueError(f"hint_layer_weights={spec!r}: {len(weights)} weights for {n} hinted layers")
-    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
-        raise ValueError(f"hint_layer_weights={spec!r}: weights must be >= 0 and not all 0")
+    if any(not 0 <= w < float("inf") for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"hint_layer_weights={spec!r}: weights must be finite, >= 0 and not all 0")
     return weights
 
 

@@ -324,14 +324,16 @@ def _widths(model: nn.Module) -> str:
     return f"{cfg.vision_config.hidden_size}/{cfg.text_config.hidden_size}"
 
 
-def _student_labels(students: list[Any]) -> list[str]:
-    """``student`` for one student; each folder's name (made unique) for several."""
+def _student_labels(students: list[Any], taken: set[str] = frozenset()) -> list[str]:
+    """``student`` for one student; each folder's name for several -- made unique among themselves and against the
+    ``taken`` labels of the teacher's rows (and their int8 names)."""
     if len(students) == 1:
         return ["student"]
-    labels = []
+    labels: list[str] = []
     for i, spec in enumerate(students):
         label = Path(spec).name if isinstance(spec, (str, Path)) else f"student {i + 1}"
-        labels.append(label if label not in labels and label != "teacher" else f"{label} ({i + 1})")
+        clash = label in labels or label in taken or f"{label} int8" in taken or label == "teacher"
+        labels.append(f"{label} ({i + 1})" if clash else label)
     return labels
 
 
@@ -377,9 +379,12 @@ def compression_report(
     for spec in students:
         if isinstance(spec, (str, Path)):
             _check_student_dir(Path(spec))
-    for method, level in prune:
+    prune_labels = [f"teacher {method} {level:.1%}".replace(".0%", "%") for method, level in prune]
+    for (method, level), label in zip(prune, prune_labels, strict=True):
         if method not in PRUNING_METHODS or not 0 < level < 1:
             raise ValueError(f"prune=({method!r}, {level}): method one of {', '.join(PRUNING_METHODS)}, level in (0, 1)")
+        if prune_labels.count(label) > 1:
+            raise ValueError(f"prune: {method} {level} is asked twice (or rounds to the same row, {label!r})")
     if isinstance(teacher, (str, Path)):
         from mmkd.teachers import resolve_backend
 
@@ -399,13 +404,12 @@ def compression_report(
     if quantize:
         say("quantizing the teacher to int8")
         models.append(("teacher int8", f"{t_name} (int8)", quantize_int8(t_model), t_proc, "int8", "teacher", t_model))
-    for method, level in prune:
-        label = f"teacher {method} {level:.0%}"
-        say(f"pruning the teacher: {method} {level:.0%}")
+    for (method, level), label in zip(prune, prune_labels, strict=True):
+        say(f"pruning the teacher: {method} {level:.1%}")
         pruned = magnitude_prune(t_model, level) if method == "magnitude" else structured_prune(t_model, level)[0]
         models.append((label, f"{t_name} ({method} pruning {level:.0%})", _frozen(pruned), t_proc,
                        f"{method} pruning", "teacher", pruned))
-    labels = _student_labels(students)
+    labels = _student_labels(students, taken={m[0] for m in models} | {f"{m[0]} int8" for m in models})
     s_names = []
     for spec, label in zip(students, labels, strict=True):
         say(f"loading student {spec}")

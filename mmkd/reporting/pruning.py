@@ -105,15 +105,23 @@ def prunable_sparsity(model: nn.Module) -> float:
 
 
 def sparse_size(model: nn.Module) -> int:
-    """Bytes of ``torch.save`` of the state dict with every Linear weight stored as a CSR tensor (values, column
-    indices, row pointers) and everything else dense: what the zeros could save on disk with a sparse format."""
+    """Bytes of ``torch.save`` of the state dict with every Linear weight stored as a CSR tensor (values, int32
+    column indices and row pointers, each in its own storage) and everything else dense: what the zeros could save on
+    disk with a sparse format."""
     linear_weights = {id(getattr(m, name)) for m, name in prunable_linears(model)}
     state = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
         for key, value in model.state_dict(keep_vars=True).items():
             tensor = value.detach()
-            state[key] = tensor.to_sparse_csr() if id(value) in linear_weights else tensor
+            if id(value) in linear_weights:
+                csr = tensor.to_sparse_csr()
+                # to_sparse_csr's column indices are a view into an int64 buffer twice their size; torch.save would
+                # write the whole buffer: rebuild from compact int32 copies
+                tensor = torch.sparse_csr_tensor(csr.crow_indices().int().clone(), csr.col_indices().int().clone(),
+                                                 csr.values().clone(), csr.shape)
+            state[key] = tensor
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getbuffer().nbytes

@@ -164,6 +164,10 @@ class CLIPTeacher(FrozenTeacher, abc.ABC):
         """The teacher's own image preprocessing and tokenizer, without the weights."""
 
     @abc.abstractmethod
+    def depths(self) -> dict[str, int]:
+        """``{"vision": layers, "text": layers}`` of the teacher's transformer towers."""
+
+    @abc.abstractmethod
     def hidden_widths(self) -> dict[str, int]:
         """``{"vision": width, "text": width}`` of the teacher's transformer towers (what its hidden states hold)."""
 

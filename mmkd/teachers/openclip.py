@@ -75,6 +75,9 @@ class OpenCLIPTeacher(CLIPTeacher):
         return (block.ln_1, w[:d], None if b is None else b[:d], w[d : 2 * d], None if b is None else b[d : 2 * d],
                 att.num_heads)
 
+    def depths(self) -> dict[str, int]:
+        return {"vision": len(self.model.visual.transformer.resblocks), "text": len(self.model.transformer.resblocks)}
+
     def hidden_widths(self) -> dict[str, int]:
         return {"vision": int(self.model.visual.transformer.width), "text": int(self.model.transformer.width)}
 

@@ -49,6 +49,10 @@ class TransformersCLIPTeacher(CLIPTeacher):
     def attention_weights(self, tower, layer):
         return clip_attention_weights(self.model, tower, layer)
 
+    def depths(self) -> dict[str, int]:
+        cfg = self.model.config
+        return {"vision": int(cfg.vision_config.num_hidden_layers), "text": int(cfg.text_config.num_hidden_layers)}
+
     def hidden_widths(self) -> dict[str, int]:
         cfg = self.model.config
         return {"vision": int(cfg.vision_config.hidden_size), "text": int(cfg.text_config.hidden_size)}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from transformers import TrainerCallback
 
 from mmkd.checks import at_least, greater_than, integer_at_least, one_of, optional
 from mmkd.losses import LossInputs
@@ -247,6 +248,17 @@ class CLIPDistillationConfig(DistillationConfig):
         super().__post_init__()
 
 
+class _FoldTeacherHead(TrainerCallback):
+    """SimKD: keep the student's own projections equal to projector x teacher projection after every optimizer
+    step, so an evaluation callback or a checkpoint loaded as a ``CLIPModel`` sees the trained student."""
+
+    def __init__(self, trainer: CLIPDistillationTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.fold_teacher_head()
+
+
 class CLIPDistillationTrainer(DistillationTrainer):
     """``Trainer`` that distils a frozen CLIP ``teacher`` into the ``model`` (a ``CLIPModel`` student).
 
@@ -266,7 +278,7 @@ class CLIPDistillationTrainer(DistillationTrainer):
         active = args.active_terms() if args is not None else {}
         self.simkd = "simkd" in active
         if "attention" in active:
-            self.attention_pairs = self._plan_pairs(model, args.attention_layers, "attention_layers")
+            self.attention_pairs = self._plan_pairs(model, teacher, args.attention_layers, "attention_layers")
         if "hint" in active or self.simkd or self.attention_pairs:
             if teacher is None:
                 raise ValueError("hint_weight / attention_weight / simkd_weight > 0: these terms need the live "
@@ -275,7 +287,7 @@ class CLIPDistillationTrainer(DistillationTrainer):
             widths = {tower: (int(getattr(model.config, f"{TOWERS[tower]}_config").hidden_size),
                               teacher.hidden_widths()[TOWERS[tower]]) for tower in TOWERS}
             if "hint" in active:
-                self.hint_pairs = self._plan_pairs(model, args.hint_layers)
+                self.hint_pairs = self._plan_pairs(model, teacher, args.hint_layers)
                 for pairs in self.hint_pairs.values():  # the layer weights fit the hinted layers, or fail now
                     parse_layer_weights(args.hint_layer_weights, len(pairs))
             projectors = HintProjectors(self.hint_pairs, widths, args.projector, seed=args.seed)
@@ -289,8 +301,15 @@ class CLIPDistillationTrainer(DistillationTrainer):
                 # the student's own projections are replaced by the teacher's (and folded in at save time)
                 model.visual_projection.requires_grad_(False)
                 model.text_projection.requires_grad_(False)
+            if args.world_size > 1 and args.ddp_find_unused_parameters and any(True for _ in projectors.parameters()):
+                raise ValueError("ddp_find_unused_parameters=true: the hint / SimKD projectors run outside the "
+                                 "student's DDP forward, which DDP's unused-parameter search does not allow; train "
+                                 "both towers (or set it to false)")
             model.add_module(PROJECTORS, projectors)
         super().__init__(model=model, teacher=teacher, args=args, **kwargs)
+        if self.simkd:
+            self.add_callback(_FoldTeacherHead(self))
+            self.callback_handler.callbacks.insert(0, self.callback_handler.callbacks.pop())  # before evaluations
         if "logit_scale" not in self.needed_inputs:
             # Only InfoNCE reads the student's temperature; a parameter with no gradient would stall DDP.
             self.accelerator.unwrap_model(self.model).logit_scale.requires_grad_(False)
@@ -312,15 +331,20 @@ class CLIPDistillationTrainer(DistillationTrainer):
         head.weight[torch.tensor(kept), torch.arange(head.in_features)] = 1.0
 
     @staticmethod
-    def _plan_pairs(model, spec: str, option: str = "hint_layers") -> dict[str, list[tuple[int, int]]]:
+    def _plan_pairs(model, teacher, spec: str, option: str = "hint_layers") -> dict[str, list[tuple[int, int]]]:
         """Per tower, the (student layer, teacher layer) pairs of the student layers ``spec`` names
         (:func:`~mmkd.trainers.hints.parse_hint_layers`), each with the teacher layer it was copied from."""
         init = getattr(model.config, "distillation_init", None) or {}
         pairs = {}
         for tower, cfg_name in TOWERS.items():
+            if teacher is None:
+                raise ValueError(f"{option}: the feature terms need the live teacher")
             n_student = int(getattr(model.config, f"{cfg_name}_config").num_hidden_layers)
-            n_teacher = int(init.get(f"teacher_{cfg_name}_depth") or n_student)
+            n_teacher = teacher.depths()[cfg_name]
             mapping = hint_layer_map(init, cfg_name, n_student, n_teacher)
+            if any(not 0 <= j < n_teacher for j in mapping):
+                raise ValueError(f"the student's {cfg_name} layers were copied from teacher layers {mapping}, but this "
+                                 f"teacher has {n_teacher}: is it the student's teacher?")
             pairs[tower] = [(k, mapping[k]) for k in parse_hint_layers(spec, n_student, cfg_name, option)]
         return pairs
 
@@ -461,10 +485,10 @@ class CLIPDistillationTrainer(DistillationTrainer):
         saved without them: a stock ``CLIPModel``."""
         student = self.accelerator.unwrap_model(self.model)
         projectors = student._modules.get(PROJECTORS)
+        if self.simkd:  # training never reads the student's own projections: folding is harmless at any time
+            self.fold_teacher_head()
         if _internal_call or projectors is None:
             return super().save_model(output_dir, _internal_call)
-        if self.simkd:
-            self.fold_teacher_head()
         del student._modules[PROJECTORS]
         try:
             return super().save_model(output_dir, _internal_call)

@@ -49,7 +49,7 @@ def parse_hint_layers(spec: str, n_student: int, tower: str = "", option: str = 
     bad = [k for k in layers if not 0 <= k < n_student]
     if bad or len(set(layers)) != len(layers):
         raise ValueError(f"{option}={spec!r}: the {tower} student has layers 0..{n_student - 1}, each at most once")
-    return sorted(layers)
+    return layers  # in the order given: hint_layer_weights follow it
 
 
 def _projector(kind: str, d_in: int, d_out: int) -> nn.Module:
