@@ -7,7 +7,10 @@ The loss is a weighted sum of the named terms of :data:`CLIP_LOSS_TERMS`, each l
 * ``image_mse`` / ``image_cosine`` / ``text_mse`` / ``text_cosine`` - per-tower embedding distillation between
   student and teacher (MSE + cosine was the research's best);
 * ``contrastive`` - CLIP's own InfoNCE on the student, with embeddings gathered across processes;
-* ``affinity`` - CLIP-KD's soft image-text affinity distillation, gathered across processes.
+* ``affinity`` - CLIP-KD's soft image-text affinity distillation, gathered across processes;
+* ``image_hint`` / ``text_hint``, ``image_attention`` / ``text_attention``, ``image_simkd`` / ``text_simkd`` - the
+  feature terms (FitNets hints through training-only projectors, MiniLM attention transfer, SimKD with the teacher's
+  projection reused and folded into the saved student; :mod:`mmkd.losses.features`, :mod:`mmkd.trainers.hints`).
 
 The teacher is frozen and never saved; ``save_model`` writes only the student, a stock ``CLIPModel`` with its
 processor. When a batch carries cached teacher embeddings the teacher is not run at all.
