@@ -57,6 +57,7 @@ from mmkd.distributed import shutdown
 from mmkd.losses.features import parse_layer_weights
 from mmkd.reporting.hardware import hardware_description
 from mmkd.students import build_student, count_parameters
+from mmkd.students.clip import student_depth
 from mmkd.students.width import resolve_width
 from mmkd.teachers import check_teacher_spec, load_teacher, teacher_shapes
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
@@ -142,7 +143,7 @@ def validate(
         raise ConfigError(f"teacher_cache_dir={data_args.teacher_cache_dir}: {', '.join(k for k, w in features.items() if w > 0)}"
                           " > 0 needs the live teacher's hidden states, which the cache does not hold; drop one of them")
     for tower, shape in shapes.items():  # the layer choices against the student's depth
-        depth = getattr(args, f"student_{tower}_layers") or -(-shape.layers // 2)
+        depth = student_depth(shape.layers, getattr(args, f"student_{tower}_layers"))
         try:
             if args.hint_weight > 0:
                 parse_layer_weights(args.hint_layer_weights, len(parse_hint_layers(args.hint_layers, depth, tower)))

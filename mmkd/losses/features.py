@@ -14,6 +14,8 @@ The tower's term is ``weight x sum_k w_k * d_k / sum_k w_k`` with ``w_k`` the la
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,7 +63,7 @@ def parse_layer_weights(spec: str | None, n: int) -> list[float] | None:
     return weights
 
 
-class _PerTowerTerm(nn.Module):
+class _PerTowerTerm(nn.Module, abc.ABC):
     """``weight x`` one value per tower (:meth:`value`), returned as the terms ``image_<name>`` and ``text_<name>``."""
 
     name: str = ""
@@ -74,8 +76,9 @@ class _PerTowerTerm(nn.Module):
     def terms(self) -> tuple[str, str]:
         return (f"image_{self.name}", f"text_{self.name}")
 
+    @abc.abstractmethod
     def value(self, inputs: LossInputs, tower: str) -> Tensor:
-        raise NotImplementedError
+        """The tower's unweighted term."""
 
     def forward(self, inputs: LossInputs) -> dict[str, Tensor]:
         return {f"{tower}_{self.name}": self.weight * self.value(inputs, tower) for tower in ("image", "text")}

@@ -210,38 +210,35 @@ def plan_width(
     hd, new_hd = t.head_dim, width // heads
     act = _activations(model, tower, layers, calibration) if importance == "activation" else None
 
-    hidden = sum(_norms(e, 0) ** 2 for e in embeddings) + sum(n.weight.detach().float() ** 2 for n in norms)
-    hidden = hidden + _norms(projection.weight, 0) ** 2
+    def sq(weight: torch.Tensor) -> torch.Tensor:
+        return weight.detach().float() ** 2
+
+    # a hidden channel's magnitude: every squared weight that reads or writes it (used without activations only)
+    hidden = act["hidden"] if act is not None else (
+        sum(_norms(e, 0) ** 2 for e in embeddings) + sum(sq(n.weight) for n in norms) + _norms(projection.weight, 0) ** 2)
     plan_heads, plan_qk, plan_vo, plan_mlp = [], [], [], []
     for i in layers:
         layer = tm.encoder.layers[i]
         att, fc1, fc2 = layer.self_attn, layer.mlp.fc1, layer.mlp.fc2
-        for lin in (att.q_proj, att.k_proj, att.v_proj, fc1):
-            hidden = hidden + _norms(lin.weight, 0) ** 2
-        for lin in (att.out_proj, fc2):
-            hidden = hidden + _norms(lin.weight, 1) ** 2
-        hidden = hidden + layer.layer_norm1.weight.detach().float() ** 2 + layer.layer_norm2.weight.detach().float() ** 2
+        rows = {name: _norms(lin.weight, 1) for name, lin in (("q", att.q_proj), ("k", att.k_proj),
+                                                              ("v", att.v_proj), ("fc1", fc1))}
+        out_cols, fc2_cols = _norms(att.out_proj.weight, 0), _norms(fc2.weight, 0)
         # products: what writes a unit (its row, or its mean activation) times what reads it (its column)
         if act is None:
-            qk = _norms(att.q_proj.weight, 1) * _norms(att.k_proj.weight, 1)
-            vo = _norms(att.v_proj.weight, 1) * _norms(att.out_proj.weight, 0)
-            neuron = _norms(fc1.weight, 1) * _norms(fc2.weight, 0)
+            for lin in (att.q_proj, att.k_proj, att.v_proj, fc1):
+                hidden = hidden + _norms(lin.weight, 0) ** 2
+            hidden = (hidden + _norms(att.out_proj.weight, 1) ** 2 + _norms(fc2.weight, 1) ** 2
+                      + sq(layer.layer_norm1.weight) + sq(layer.layer_norm2.weight))
+            qk, vo, neuron = rows["q"] * rows["k"], rows["v"] * out_cols, rows["fc1"] * fc2_cols
+            head_score = rows["q"] ** 2 + rows["k"] ** 2 + rows["v"] ** 2 + out_cols ** 2
         else:
-            qk = act["q", i] * act["k", i]
-            vo = act["o", i] * _norms(att.out_proj.weight, 0)
-            neuron = act["a", i] * _norms(fc2.weight, 0)
-        if act is None:
-            head_score = (_norms(att.q_proj.weight, 1) ** 2 + _norms(att.k_proj.weight, 1) ** 2
-                          + _norms(att.v_proj.weight, 1) ** 2 + _norms(att.out_proj.weight, 0) ** 2)
-        else:
+            qk, vo, neuron = act["q", i] * act["k", i], act["o", i] * out_cols, act["a", i] * fc2_cols
             head_score = qk + vo
         kept = _top(head_score.view(t.heads, hd).sum(1), heads, importance)
         plan_heads.append(kept)
         plan_qk.append([_top(qk.view(t.heads, hd)[h], new_hd, importance) for h in kept])
         plan_vo.append([_top(vo.view(t.heads, hd)[h], new_hd, importance) for h in kept])
         plan_mlp.append(_top(neuron, mlp, importance))
-    if act is not None:
-        hidden = act["hidden"]
     return WidthPlan(importance=importance, hidden=_top(hidden, width, importance), heads=plan_heads,
                      qk_dims=plan_qk, vo_dims=plan_vo, mlp=plan_mlp, teacher_head_dim=hd)
 

@@ -11,6 +11,7 @@ true|latest|PATH`` into that.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -220,8 +221,7 @@ def _fsync_dir(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+            os.fsync(fd)
     finally:
         os.close(fd)

@@ -65,6 +65,11 @@ _STUDENT = frozenset({"student_image", "student_text"})
 _TEACHER = frozenset({"teacher_image", "teacher_text"})
 
 
+def _per_tower(kind: str) -> frozenset[str]:
+    """The student and teacher fields of both towers a feature term reads: ``student_image_<kind>``, ..."""
+    return frozenset(f"{side}_{tower}_{kind}" for side in ("student", "teacher") for tower in ("image", "text"))
+
+
 def _embedding_term(tower: str) -> LossTerm:
     return LossTerm(
         weight=f"{tower}_distill_weight",
@@ -106,7 +111,7 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
     "hint": LossTerm(
         weight="hint_weight",
         build=lambda a: HintLoss(weight=a.hint_weight, kind=a.hint_loss, layer_weights=a.hint_layer_weights),
-        needs=frozenset({"student_image_hints", "teacher_image_hints", "student_text_hints", "teacher_text_hints"}),
+        needs=_per_tower("hints"),
         checks={"hint_loss": one_of(*HINT_KINDS), "hint_tokens": one_of(*HINT_TOKENS),
                 "projector": one_of(*PROJECTOR_KINDS)},
         description="FitNets hidden-state hints (Romero et al., 2015)",
@@ -114,15 +119,13 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
     "attention": LossTerm(
         weight="attention_weight",
         build=lambda a: AttentionTransferLoss(weight=a.attention_weight),
-        needs=frozenset({"student_image_attentions", "teacher_image_attentions", "student_text_attentions",
-                         "teacher_text_attentions"}),
+        needs=_per_tower("attentions"),
         description="MiniLM self-attention transfer (Wang et al., 2020)",
     ),
     "simkd": LossTerm(
         weight="simkd_weight",
         build=lambda a: SimKDLoss(weight=a.simkd_weight),
-        needs=frozenset({"student_image_feature", "teacher_image_feature", "student_text_feature",
-                         "teacher_text_feature"}),
+        needs=_per_tower("feature"),
         description="SimKD: reused teacher projection, feature alignment (Chen et al., 2022)",
     ),
 }
@@ -280,13 +283,13 @@ class CLIPDistillationTrainer(DistillationTrainer):
         self.attention_pairs: dict[str, list[tuple[int, int]]] = {}
         active = args.active_terms() if args is not None else {}
         self.simkd = "simkd" in active
-        if "attention" in active:
-            self.attention_pairs = self._plan_pairs(model, teacher, args.attention_layers, "attention_layers")
-        if "hint" in active or self.simkd or self.attention_pairs:
+        if {"hint", "attention", "simkd"} & active.keys():
             if teacher is None:
                 raise ValueError("hint_weight / attention_weight / simkd_weight > 0: these terms need the live "
                                  "teacher's hidden states (a teacher cache holds only embeddings); pass the teacher "
                                  "and drop --teacher_cache_dir")
+            if "attention" in active:
+                self.attention_pairs = self._plan_pairs(model, teacher, args.attention_layers, "attention_layers")
             widths = {tower: (int(getattr(model.config, f"{TOWERS[tower]}_config").hidden_size),
                               teacher.hidden_widths()[TOWERS[tower]]) for tower in TOWERS}
             if "hint" in active:
@@ -340,8 +343,6 @@ class CLIPDistillationTrainer(DistillationTrainer):
         init = getattr(model.config, "distillation_init", None) or {}
         pairs = {}
         for tower, cfg_name in TOWERS.items():
-            if teacher is None:
-                raise ValueError(f"{option}: the feature terms need the live teacher")
             n_student = int(getattr(model.config, f"{cfg_name}_config").num_hidden_layers)
             n_teacher = teacher.depths()[cfg_name]
             mapping = hint_layer_map(init, cfg_name, n_student, n_teacher)
