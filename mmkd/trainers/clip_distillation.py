@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from transformers import TrainerCallback
 
 from mmkd.checks import at_least, greater_than, integer_at_least, one_of, optional
 from mmkd.losses import LossInputs
@@ -37,23 +36,21 @@ from mmkd.losses.features import (
     AttentionTransferLoss,
     HintLoss,
     SimKDLoss,
-    attention_probs,
     parse_layer_weights,
 )
 from mmkd.students.clip import STRATEGIES
 from mmkd.students.width import IMPORTANCE
 from mmkd.teachers import BACKENDS
-from mmkd.teachers.base import clip_attention_weights, pooled_index
+from mmkd.teachers.base import pooled_index
 from mmkd.trainers.base import DistillationConfig, DistillationTrainer, LossTerm
 from mmkd.trainers.hints import (
     HINT_TOKENS,
     PROJECTOR_KINDS,
     PROJECTORS,
     TOWERS,
+    FeatureTermsMixin,
+    FoldTeacherHead,
     HintProjectors,
-    hint_layer_map,
-    parse_hint_layers,
-    select_tokens,
 )
 
 __all__ = ["CLIP_LOSS_TERMS", "CLIPDistillationConfig", "CLIPDistillationTrainer"]
@@ -254,18 +251,7 @@ class CLIPDistillationConfig(DistillationConfig):
         super().__post_init__()
 
 
-class _FoldTeacherHead(TrainerCallback):
-    """SimKD: keep the student's own projections equal to projector x teacher projection after every optimizer
-    step, so an evaluation callback or a checkpoint loaded as a ``CLIPModel`` sees the trained student."""
-
-    def __init__(self, trainer: CLIPDistillationTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.fold_teacher_head()
-
-
-class CLIPDistillationTrainer(DistillationTrainer):
+class CLIPDistillationTrainer(FeatureTermsMixin, DistillationTrainer):
     """``Trainer`` that distils a frozen CLIP ``teacher`` into the ``model`` (a ``CLIPModel`` student).
 
     Args:
@@ -314,95 +300,12 @@ class CLIPDistillationTrainer(DistillationTrainer):
             model.add_module(PROJECTORS, projectors)
         super().__init__(model=model, teacher=teacher, args=args, **kwargs)
         if self.simkd:
-            self.add_callback(_FoldTeacherHead(self))
+            self.add_callback(FoldTeacherHead(self))
             self.callback_handler.callbacks.insert(0, self.callback_handler.callbacks.pop())  # before evaluations
         if "logit_scale" not in self.needed_inputs:
             # Only InfoNCE reads the student's temperature; a parameter with no gradient would stall DDP.
             self.accelerator.unwrap_model(self.model).logit_scale.requires_grad_(False)
         self.gathered_batch_size: int | None = None
-
-    @staticmethod
-    @torch.no_grad()
-    def _inherit_head(head: torch.nn.Linear, model, tower: str) -> None:
-        """Start SimKD's projector where weight inheritance started the student: a student initialised from the
-        teacher has the teacher's projection restricted to its kept hidden channels, so the projector that makes
-        ``teacher projection @ P`` equal to it selects those channels (the identity at equal width). A student
-        from scratch keeps the random projector."""
-        init = getattr(model.config, "distillation_init", None) or {}
-        if init.get("strategy") == "random" or not init.get(f"{TOWERS[tower]}_layers"):
-            return
-        plan = (init.get("width_plan") or {}).get(TOWERS[tower])
-        kept = plan["hidden"] if plan else list(range(head.in_features))
-        head.weight.zero_()
-        head.weight[torch.tensor(kept), torch.arange(head.in_features)] = 1.0
-
-    @staticmethod
-    def _plan_pairs(model, teacher, spec: str, option: str = "hint_layers") -> dict[str, list[tuple[int, int]]]:
-        """Per tower, the (student layer, teacher layer) pairs of the student layers ``spec`` names
-        (:func:`~mmkd.trainers.hints.parse_hint_layers`), each with the teacher layer it was copied from."""
-        init = getattr(model.config, "distillation_init", None) or {}
-        pairs = {}
-        for tower, cfg_name in TOWERS.items():
-            n_student = int(getattr(model.config, f"{cfg_name}_config").num_hidden_layers)
-            n_teacher = teacher.depths()[cfg_name]
-            mapping = hint_layer_map(init, cfg_name, n_student, n_teacher)
-            if any(not 0 <= j < n_teacher for j in mapping):
-                raise ValueError(f"the student's {cfg_name} layers were copied from teacher layers {mapping}, but this "
-                                 f"teacher has {n_teacher}: is it the student's teacher?")
-            pairs[tower] = [(k, mapping[k]) for k in parse_hint_layers(spec, n_student, cfg_name, option)]
-        return pairs
-
-    def _attentions(self, student: dict[str, Any], teacher: dict[str, Any], inputs: dict) -> dict[str, Any]:
-        """The attention fields of :class:`LossInputs`: each mapped layer's self-attention distributions, recomputed
-        from its input hidden state and its LayerNorm / q / k weights (the student's with gradients)."""
-        if "teacher_input_ids" in inputs:
-            raise ValueError("attention_weight > 0: the teacher has its own tokenizer, so its text attention does not "
-                             "line up with the student's tokens")
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        length, out = inputs["input_ids"].shape[1], {}
-        for tower, layer_pairs in self.attention_pairs.items():
-            causal = tower == "text"  # padded keys sit after the end-of-text token: the causal mask hides them
-            s_states, t_states = student[f"_{tower}_hidden"], teacher[f"_{tower}_hidden"]
-            out[f"student_{tower}_attentions"] = [
-                attention_probs(s_states[k], *clip_attention_weights(unwrapped, tower, k), causal=causal)
-                for k, _ in layer_pairs]
-            with torch.no_grad():
-                out[f"teacher_{tower}_attentions"] = [
-                    attention_probs(t_states[j][:, :length] if causal else t_states[j],
-                                    *self.teacher.attention_weights(tower, j), causal=causal)
-                    for _, j in layer_pairs]
-        return out
-
-    def _hints(self, student: dict[str, Any], teacher: dict[str, Any], inputs: dict) -> dict[str, Any]:
-        """The hint fields of :class:`LossInputs`: mapped hidden states, the student's projected."""
-        projectors = getattr(self.accelerator.unwrap_model(self.model), PROJECTORS)
-        tokens, out = self.args.hint_tokens, {}
-        own_ids = "teacher_input_ids" in inputs
-        if tokens == "all" and own_ids:
-            raise ValueError("hint_tokens=all: the teacher has its own tokenizer, so its text tokens do not line up "
-                             "with the student's; use hint_tokens=pooled")
-        ids = inputs["input_ids"]
-        s_index = t_index = None
-        if tokens == "pooled":
-            eos = self.accelerator.unwrap_model(self.model).config.text_config.eos_token_id
-            s_index = pooled_index(ids, eos)
-            t_index = pooled_index(inputs["teacher_input_ids"], self.teacher.eos_token_id) if own_ids else s_index
-        for tower, layer_pairs in self.hint_pairs.items():
-            s_states, t_states = student.pop(f"_{tower}_hidden"), teacher.pop(f"_{tower}_hidden")
-            text = tower == "text"
-            length = ids.shape[1] if text and tokens == "all" else None
-            out[f"student_{tower}_hints"] = [
-                projectors[f"{tower}_{k}"](select_tokens(s_states[k + 1], tokens, s_index if text else None))
-                for k, _ in layer_pairs
-            ]
-            out[f"teacher_{tower}_hints"] = [
-                select_tokens(t_states[j + 1], tokens, t_index if text else None, length).to(s_states[0].dtype)
-                for _, j in layer_pairs
-            ]
-        if tokens == "all":
-            mask = inputs.get("attention_mask")
-            out["text_hint_mask"] = mask if mask is not None else torch.ones_like(ids)
-        return out
 
     def teacher_inputs(self, inputs: dict) -> dict[str, Any]:
         wanted = {tower for tower in ("image", "text") if f"teacher_{tower}" in self.needed_inputs}
@@ -498,17 +401,6 @@ class CLIPDistillationTrainer(DistillationTrainer):
             return super().save_model(output_dir, _internal_call)
         finally:
             student._modules[PROJECTORS] = projectors
-
-    @torch.no_grad()
-    def fold_teacher_head(self) -> None:
-        """SimKD's projector and the teacher's projection are two bias-free linear maps: write their product into
-        the student's own ``visual_projection`` / ``text_projection``, so the stock ``CLIPModel`` computes what the
-        trained student did."""
-        student = self.accelerator.unwrap_model(self.model)
-        heads = getattr(student, PROJECTORS)
-        for tower, layer in (("image", student.visual_projection), ("text", student.text_projection)):
-            folded = self.teacher.projection(tower).float() @ heads[f"{tower}_head"].weight.float()
-            layer.weight.copy_(folded.to(layer.weight.dtype))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._batch = inputs  # the hints read the batch's token ids and mask
