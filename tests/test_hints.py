@@ -285,3 +285,13 @@ def test_hint_layers_keep_the_order_their_weights_follow(open_clip_teacher, shap
                                                                    hint_layer_weights="1,0.1"), student)
     # student layer 1 (copied from teacher layer 2) first, with weight 1; layer 0 with 0.1
     assert trainer.hint_pairs["image"] == [(1, 2), (0, 0)]
+
+
+def test_the_card_cites_each_feature_term(tmp_path):
+    from tests.test_trainer import make_config
+
+    rows = {r["name"]: r for r in make_config(tmp_path, hint_weight=1.0, attention_weight=0.5,
+                                               simkd_weight=0.2).loss_card_rows()}
+    assert "romero2015fitnets" in rows["hint"]["citation"] and rows["hint"]["terms"] == ["image_hint", "text_hint"]
+    assert "wang2020minilm" in rows["attention"]["citation"] and rows["attention"]["weight"] == 0.5
+    assert "chen2022simkd" in rows["simkd"]["citation"] and rows["simkd"]["terms"] == ["image_simkd", "text_simkd"]
