@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmkd-installed
 
-.PHONY: demo study features smoke test test-slow lint clean
+.PHONY: demo study features kd-grid kd-affinity kd-assistants kd-teacher-free kd-data-fraction kd-studies smoke test \
+	test-slow lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +50,27 @@ study: $(STAMP)
 features: $(STAMP)
 	test -f out/offline/teacher/config.json || { echo "run make demo first (the study reuses its teacher)" >&2; exit 2; }
 	$(PY) recipes/feature_study.py --teacher out/offline/teacher --output_dir out/features
+
+# Research 001 on CLIP students (after `make demo`): Hinton KD on zero-shot class logits (α × T grid), CLIP-KD's
+# affinity weight × temperature, teacher assistants, teacher-free KD and the data-fraction curve
+# (recipes/kd_studies.py; each writes out/kd/<study>.md / .json / .png; runs are shared between studies).
+NEED_TEACHER = test -f out/offline/teacher/config.json || { echo "run make demo first (the study reuses its teacher)" >&2; exit 2; }
+kd-grid: $(STAMP)
+	@$(NEED_TEACHER)
+	$(PY) recipes/kd_studies.py grid --term class_kd
+kd-affinity: $(STAMP)
+	@$(NEED_TEACHER)
+	$(PY) recipes/kd_studies.py grid --term affinity
+kd-assistants: $(STAMP)
+	@$(NEED_TEACHER)
+	$(PY) recipes/kd_studies.py assistants
+kd-teacher-free: $(STAMP)
+	@$(NEED_TEACHER)
+	$(PY) recipes/kd_studies.py teacher-free
+kd-data-fraction: $(STAMP)
+	@$(NEED_TEACHER)
+	$(PY) recipes/kd_studies.py data-fraction
+kd-studies: kd-grid kd-affinity kd-assistants kd-teacher-free kd-data-fraction
 
 smoke: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 recipes/clip_student.py \

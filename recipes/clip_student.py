@@ -13,6 +13,10 @@ Eight GPUs, bf16, ViT-B/32 teacher on Conceptual Captions:
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 recipes/clip_student.py \
         --config recipes/configs/vit_b32_cc3m.yaml --output_dir out/vit-b32-half
 
+Teacher assistants: ``--chain 4,2`` (or ``4x144,2x96``, depth x width) trains teacher -> 4 layers -> 2 layers -> the
+student of the run's ``student_*`` options, each stage the next one's teacher (``<output_dir>/assistants/``); a
+finished stage is reused and an interrupted one resumes when the command is run again (``mmkd.students.chain``).
+
 Any option of the YAML file can be overridden on the command line (``--max_steps 100``); ``--help`` lists them.
 Resume an interrupted run with ``--resume_from_checkpoint latest`` (or ``true``: the latest *complete* checkpoint of
 ``--output_dir``) or a path, ``out/smoke/checkpoint-20``. Checkpoints are written atomically, so a kill mid-save
@@ -40,6 +44,8 @@ line and exit status 1 after the student is saved; push the folder later with
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -52,17 +58,27 @@ from mmkd.args import command_line, config_errors, refuse_token_option, write_tr
 from mmkd.checks import ConfigError
 from mmkd.data import CLIPDistillationCollator
 from mmkd.data.cache import cache_teacher_embeddings
-from mmkd.data.sources import DataArguments, check_data_args, describe_dataset, load_train_dataset
+from mmkd.data.sources import (
+    DataArguments,
+    check_data_args,
+    class_names,
+    describe_dataset,
+    load_train_dataset,
+)
 from mmkd.distributed import shutdown
 from mmkd.losses.features import parse_layer_weights
 from mmkd.reporting.hardware import hardware_description
 from mmkd.students import build_student, count_parameters
+from mmkd.students.chain import CHAIN_RECORD, check_chain, parse_chain
 from mmkd.students.clip import student_depth
 from mmkd.students.width import resolve_width
 from mmkd.teachers import check_teacher_spec, load_teacher, teacher_shapes
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
 from mmkd.trainers.checkpoints import LATEST, resolve_resume
+from mmkd.trainers.clip_distillation import teacher_class_targets
 from mmkd.trainers.hints import parse_hint_layers
+
+logger = logging.getLogger(__name__)
 
 
 # 1. Arguments, teacher and student --------------------------------------------------------------------------------
@@ -100,6 +116,7 @@ def build_models(args: CLIPDistillationConfig, calibration_rows: list[dict] | No
         teacher_name=teacher.name,
         seed=args.seed,
         strategies=args.layer_strategies,
+        allow_full_depth=args.student_init == "random",  # a same-size student from scratch (born-again KD)
     )
     counts = {"teacher": count_parameters(full), "student": count_parameters(student)}
     return teacher, student, processor, init, counts
@@ -122,6 +139,23 @@ def validate(
     :class:`~mmkd.checks.ConfigError` naming the option. ``check_teacher=False`` skips the teacher spec (the offline
     job checks a stage whose teacher an earlier stage writes)."""
     data_args, args = parse_args(argv, config_class, data_class)
+    if args.chain:
+        stages = parse_chain(args.chain)
+        shapes = teacher_shapes(args.teacher_name_or_path) if check_teacher else None
+        if shapes:  # the chain against the teacher: every model smaller than its teacher, before any stage trains
+            check_teacher_spec(args.teacher_name_or_path, args.teacher_pretrained, args.teacher_backend)
+            teacher = {tower: (shape.layers, shape.width) for tower, shape in shapes.items()}
+            student = {tower: (student_depth(shape.layers, getattr(args, f"student_{tower}_layers")),
+                               getattr(args, f"student_{tower}_width")) for tower, shape in shapes.items()}
+            check_chain(args.chain, stages, teacher, student)
+        check_args(data_args, args, check_teacher=False)
+        return data_args, args
+    return check_args(data_args, args, check_teacher)
+
+
+def check_args(data_args: DataArguments, args: CLIPDistillationConfig, check_teacher: bool = True
+               ) -> tuple[DataArguments, CLIPDistillationConfig]:
+    """:func:`validate`'s checks of parsed arguments (a chain stage's are checked once its teacher exists)."""
     refuse_token_option(args)
     shapes = {}
     if check_teacher:
@@ -130,9 +164,10 @@ def validate(
         options = args.student_shape_options()
         for tower, shape in shapes.items():
             depth = getattr(args, f"student_{tower}_layers")
-            if depth is not None and depth >= shape.layers:
+            same_size = args.student_init == "random" and depth == shape.layers  # born-again: same shape, fresh
+            if depth is not None and depth >= shape.layers and not same_size:
                 raise ConfigError(f"student_{tower}_layers={depth}: the teacher has {shape.layers} {tower} layers; "
-                                  "a student has fewer")
+                                  "a student has fewer (or as many with student_init=random)")
             resolve_width(shape, tower, *(options[f"{tower}_{dim}"] for dim in ("width", "heads", "mlp_width")))
     elif args.teacher_name_or_path is None:
         raise ConfigError("teacher_name_or_path=None: required (the student's architecture is derived from it)")
@@ -143,7 +178,8 @@ def validate(
         raise ConfigError(f"teacher_cache_dir={data_args.teacher_cache_dir}: {', '.join(k for k, w in features.items() if w > 0)}"
                           " > 0 needs the live teacher's hidden states, which the cache does not hold; drop one of them")
     for tower, shape in shapes.items():  # the layer choices against the student's depth
-        depth = student_depth(shape.layers, getattr(args, f"student_{tower}_layers"))
+        depth = student_depth(shape.layers, getattr(args, f"student_{tower}_layers"),
+                              allow_full_depth=args.student_init == "random")
         try:
             if args.hint_weight > 0:
                 parse_layer_weights(args.hint_layer_weights, len(parse_hint_layers(args.hint_layers, depth, tower)))
@@ -166,7 +202,69 @@ def main(
     the run with one line and exit status 2 before anything is loaded."""
     with config_errors():
         data_args, args = validate(argv, config_class, data_class)
+        if args.chain:
+            return run_chain(argv, data_args, args, config_class, data_class)
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir, require_optimizer=not args.save_only_model)
+    return train(data_args, args, resume, argv)
+
+
+def run_chain(argv, data_args: DataArguments, args: CLIPDistillationConfig,
+              config_class: type[CLIPDistillationConfig], data_class: type[DataArguments]) -> dict:
+    """Teacher assistants (:mod:`mmkd.students.chain`): train each stage with the run's options, its teacher the
+    stage before; a finished stage (same arguments) is reused, an interrupted one resumes from its latest complete
+    checkpoint. Returns the final student's summary with the chain's stages."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = Path(args.output_dir)
+    stages = parse_chain(args.chain)
+    teacher, done = args.teacher_name_or_path, []
+    # the student's default depth is half the first teacher's (what the chain was checked against), not its own's
+    final_depths = {tower: student_depth(shape.layers, getattr(args, f"student_{tower}_layers"))
+                    for tower, shape in (teacher_shapes(args.teacher_name_or_path) or {}).items()}
+    for i, stage in enumerate([*stages, None]):
+        folder = out if stage is None else out / "assistants" / f"{i + 1}-{stage.label}"
+        with config_errors():
+            stage_data, stage_args = parse_args([*argv, "--teacher_name_or_path", str(teacher), "--output_dir",
+                                                 str(folder)], config_class, data_class)
+            stage_args.chain = None
+            if stage_data.teacher_cache_dir:  # each stage has its own teacher: its own cache
+                stage_data.teacher_cache_dir = str(Path(data_args.teacher_cache_dir) / f"stage-{i + 1}")
+            if i > 0:  # the teacher is now the previous stage's CLIPModel folder
+                stage_args.teacher_pretrained, stage_args.teacher_backend = None, "auto"
+            if stage is not None:  # an assistant: the stage's shape; the student's own options are for the last
+                for tower in ("vision", "text"):
+                    setattr(stage_args, f"student_{tower}_layers", stage.layers)
+                    for dim in ("width", "heads", "mlp_width"):
+                        setattr(stage_args, f"student_{tower}_{dim}", stage.width if dim == "width" else None)
+                stage_args.push_to_hub = False
+            else:
+                for tower, depth in final_depths.items():
+                    setattr(stage_args, f"student_{tower}_layers", depth)
+            record = {"teacher": str(teacher), "stage": stage.label if stage else "student", "argv": argv}
+            marker = folder / CHAIN_RECORD
+            if marker.is_file() and json.loads(marker.read_text()).get("record") == record:
+                logger.info("chain stage %d (%s): finished run in %s reused", i + 1, record["stage"], folder)
+                summary = json.loads((folder / "training_summary.json").read_text())
+            else:
+                check_args(stage_data, stage_args)
+                resume = resolve_resume("latest", folder, require_optimizer=not stage_args.save_only_model)
+                if PartialState().is_main_process:
+                    print(f"chain stage {i + 1} of {len(stages) + 1}: {record['stage']} from {teacher} -> {folder}",
+                          flush=True)
+                summary = train(stage_data, stage_args, resume, argv)
+                if PartialState().is_main_process:  # written last: the stage is complete
+                    marker.write_text(json.dumps({"record": record}, indent=2) + "\n")
+                PartialState().wait_for_everyone()
+        done.append({"stage": record["stage"], "teacher": str(teacher), "output_dir": str(folder),
+                     "parameters": summary["student"]["parameters"]["total"]})
+        teacher = folder
+    summary["chain"] = done
+    if PartialState().is_main_process:
+        Path(out, "training_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train(data_args: DataArguments, args: CLIPDistillationConfig, resume: str | None, argv=None) -> dict:
+    """Train one student from checked arguments (sections 2-6 below)."""
     # The recipe pushes once, after saving (section 6); Trainer never sees push_to_hub (see the module docstring).
     push_to_hub, args.push_to_hub = args.push_to_hub, False
     start = time.time()
@@ -174,6 +272,8 @@ def main(
     # 2. Data (its columns checked before any model is loaded) ------------------------------------------------------
     with config_errors(), args.main_process_first(desc="loading the training set"):
         train_dataset = load_train_dataset(data_args)
+    with config_errors():  # the class-logit terms read the labels' class names
+        names = class_names(train_dataset, data_args) if "student_classes" in args.needed_inputs() else None
 
     # 3. Teacher and student ----------------------------------------------------------------------------------------
     set_seed(args.seed)
@@ -184,6 +284,9 @@ def main(
                                                                  data_args.text_column)
     teacher_params, student_params = counts["teacher"], counts["student"]
     use_cache = data_args.teacher_cache_dir is not None and args.needs_teacher
+    # the teacher's class embeddings, computed once (also when the cache replaces the teacher in training)
+    classes = (teacher_class_targets(teacher.to(args.device), names, args.class_templates)
+               if "teacher_classes" in args.needed_inputs() else None)
     if use_cache:
         with config_errors():  # a stale cache is one line naming what changed
             train_dataset = cache_teacher_embeddings(
@@ -200,6 +303,7 @@ def main(
         teacher.inputs() if args.needs_teacher else None,
         image_column=data_args.image_column,
         text_column=data_args.text_column,
+        class_column=data_args.label_column if names else None,
     )
 
     # 4. Train ------------------------------------------------------------------------------------------------------
@@ -211,6 +315,8 @@ def main(
             train_dataset=train_dataset,
             data_collator=collator,
             processing_class=processor,
+            class_names=names,
+            teacher_classes=classes,
         )
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
@@ -243,8 +349,6 @@ def main(
 
     # 6. Push to the Hub (main process only) ------------------------------------------------------------------------
     if push_to_hub and trainer.is_world_process_zero():
-        import sys
-
         from mmkd.hub import push_trained
 
         command = command_line("recipes/clip_student.py", sys.argv[1:] if argv is None else argv)

@@ -13,6 +13,7 @@ contrastive + affinity, 200 steps x 128) plus one feature term:
 and evaluates zero-shot acc@1 / acc@5 on the 10,000 test images, the training time per step, and for ``output``
 and ``simkd`` the cross-model accuracies (student images against the teacher's class embeddings, and the
 reverse). ``--deciding_seeds`` adds seeds for the narrow student's ``output`` row and its best feature row.
+Training, reuse and evaluation are :class:`mmkd.reporting.studies.StudyRunner`'s.
 
     python recipes/feature_study.py --teacher out/offline/teacher --output_dir out/features
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,45 +62,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-RUN_RECORD = "feature_study_run.json"
-
-
-def train(args, shape: str, variant: str, seed: int, folder: Path) -> dict[str, Any]:
-    """Train one student, or reuse the folder's when it finished a run of exactly these arguments."""
-    argv = ["--config", str(STUDENT_CONFIG), "--teacher_name_or_path", args.teacher, "--output_dir", str(folder),
-            "--seed", str(seed), "--report_to", "none", *SHAPES[shape], *VARIANTS[variant]]
+def train_argv(args, shape: str, variant: str) -> list[str]:
+    argv = ["--config", str(STUDENT_CONFIG), "--teacher_name_or_path", args.teacher, "--report_to", "none",
+            *SHAPES[shape], *VARIANTS[variant]]
     if args.max_steps:
         argv += ["--max_steps", str(args.max_steps)]
     if args.data_dir:
         argv += ["--data_dir", args.data_dir]
-    record = folder / RUN_RECORD
-    if record.is_file() and json.loads(record.read_text()).get("argv") == argv:
-        return json.loads((folder / "training_summary.json").read_text())
-    from mmkd.args import import_script
-
-    clip_student = import_script(RECIPES / "clip_student.py")
-    print(f"[feature study] {shape} / {variant} / seed {seed}", flush=True)
-    summary = clip_student.main(argv)
-    record.write_text(json.dumps({"argv": argv}, indent=2) + "\n")  # written last: the run is complete
-    return summary
+    return argv
 
 
-def evaluate(args, folder: Path, test, templates, cross: bool) -> dict[str, Any]:
+def evaluate(runner, args, folder: Path, cross: bool) -> dict[str, Any]:
+    """Zero-shot accuracy and seconds per step (:class:`~mmkd.reporting.studies.StudyRunner`), and with ``cross``
+    the cross-model accuracies."""
     from mmkd.eval.encoders import load_encoder
     from mmkd.eval.zeroshot import evaluate_zeroshot, zero_shot_classifier
 
-    result = evaluate_zeroshot(str(folder), test, templates=templates, progress=False)
-    row = {"acc1": result["acc1"], "acc5": result["acc5"]}
+    row = runner.evaluate(folder)
     if cross:  # can the student replace one half of a deployed teacher?
         student, teacher = load_encoder(str(folder)), load_encoder(args.teacher)
-        classnames = test.classnames
+        classnames = runner.test.classnames
         for name, images, texts in (("student_image_teacher_text", student, teacher),
                                     ("teacher_image_student_text", teacher, student)):
-            classifier = zero_shot_classifier(texts, classnames, templates)
-            row[name] = evaluate_zeroshot(images, test, classifier=classifier, progress=False)["acc1"]
-    state = json.loads((folder / "trainer_state.json").read_text())
-    runtime = next(e["train_runtime"] for e in reversed(state["log_history"]) if "train_runtime" in e)
-    row["seconds_per_step"] = float(runtime) / state["global_step"]
+            classifier = zero_shot_classifier(texts, classnames, runner.templates)
+            row[name] = evaluate_zeroshot(images, runner.test, classifier=classifier, progress=False)["acc1"]
     return row
 
 
@@ -150,18 +135,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse(argv)
     from mmkd.data.fashion_mnist import DEFAULT_TEMPLATES, fashion_mnist_classification
+    from mmkd.reporting.studies import StudyRunner
 
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     test = fashion_mnist_classification("test", data_dir=args.data_dir)
-    templates = [t.replace("{}", "{c}") for t in DEFAULT_TEMPLATES]
+    runner = StudyRunner(out, test, [t.replace("{}", "{c}") for t in DEFAULT_TEMPLATES])
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     def run(shape: str, variant: str, seed: int) -> None:
-        folder = out / f"{shape}-{variant}-seed{seed}"
-        train(args, shape, variant, seed, folder)
+        folder = runner.folder(f"{shape}-{variant}", seed)
+        print(f"[feature study] {shape} / {variant} / seed {seed}", flush=True)
+        runner.train(folder, [*train_argv(args, shape, variant), "--seed", str(seed)])
         runs.setdefault((shape, variant), []).append(
-            {"seed": seed, **evaluate(args, folder, test, templates, variant in CROSS and seed == args.seed)})
+            {"seed": seed, **evaluate(runner, args, folder, variant in CROSS and seed == args.seed)})
 
     shapes, variants = args.shapes.split(","), args.variants.split(",")
     for shape in shapes:
@@ -174,13 +160,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for variant in ("output", best):
             for seed in extra:
                 run("narrow", variant, seed)
+    from mmkd.reporting.studies import aggregate
+
     rows = []
     for (shape, variant), seeds in runs.items():
-        acc1 = [r["acc1"] for r in seeds]
-        row = {"shape": shape, "variant": variant, "seeds": [r["seed"] for r in seeds],
-               "acc1": statistics.mean(acc1), "acc1_sd": statistics.stdev(acc1) if len(acc1) > 1 else None,
-               "acc1_per_seed": acc1, "acc5": statistics.mean(r["acc5"] for r in seeds),
-               "seconds_per_step": statistics.mean(r["seconds_per_step"] for r in seeds)}
+        row = {"shape": shape, "variant": variant, **aggregate(seeds)}
         for key in ("student_image_teacher_text", "teacher_image_student_text"):
             if key in seeds[0]:
                 row[key] = seeds[0][key]

@@ -44,6 +44,7 @@ from mmkd.distributed import shutdown
 from mmkd.eval.match_metrics import compute_metrics
 from mmkd.reporting.cards import match_student_card_data, render_match_student_card
 from mmkd.reporting.hardware import hardware_description
+from mmkd.reporting.sweeps import Grid, parse_values, run_grid, write_grid
 from mmkd.reporting.tables import markdown_table, pct
 from mmkd.students import ResNetMiniLMMatcher, load_text_tokenizer
 from mmkd.students.resnet_minilm import FUSIONS, RESNET_FEATURE_DIMS
@@ -216,33 +217,20 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str) -> None:
 
 
 def run_sweep(args, base, pairs, out: Path, command: str = "") -> list[dict[str, Any]]:
-    """The α × T grid of distillation runs; the teacher's embeddings are cached once for all of them."""
+    """The α × T grid of distillation runs (:mod:`mmkd.reporting.sweeps`); the teacher's embeddings are cached once
+    for all of them."""
     margs, data_args = args
-    alphas = [float(a) for a in margs.sweep_alphas.split(",")]
-    temperatures = [float(t) for t in margs.sweep_temperatures.split(",")]
+    alphas = parse_values("sweep_alphas", margs.sweep_alphas)
+    temperatures = parse_values("sweep_temperatures", margs.sweep_temperatures)
     cache_dir = data_args.teacher_cache_dir or out / "teacher_cache"
     pairs = cached_pairs(pairs, load_trained_teacher(out), cache_dir, base.per_device_eval_batch_size)
-    rows = [run_distill(args, base, pairs, out, folder=f"sweep/alpha{a:g}_T{t:g}", command=command, alpha=a,
-                        temperature=t)
-            for a in alphas for t in temperatures]
+    rows = run_grid(lambda a, t: run_distill(args, base, pairs, out, folder=f"sweep/alpha{a:g}_T{t:g}",
+                                             command=command, alpha=a, temperature=t),
+                    alphas, temperatures, keys=("alpha", "temperature"))
     if PartialState().is_main_process:
-        write_sweep(out, rows, alphas, temperatures)
+        write_grid(out, rows, Grid("alpha", alphas, "temperature", temperatures, metric="f1", row_label="α",
+                                   col_label="T"), title="Distillation sweep: validation f1 (%)")
     return rows
-
-
-def write_sweep(out: Path, rows, alphas, temperatures, metric: str = "f1") -> None:
-    import numpy as np
-
-    from mmkd.reporting.plots import sweep_heatmap
-
-    grid = np.array([[next(r[metric] for r in rows if r["alpha"] == a and r["temperature"] == t) or np.nan
-                      for t in temperatures] for a in alphas])
-    table = markdown_table(["α \\ T", *(f"{t:g}" for t in temperatures)],
-                           [(f"{a:g}", *(pct(v) for v in row)) for a, row in zip(alphas, grid, strict=True)])
-    (out / "sweep.md").write_text(f"# Distillation sweep: validation {metric} (%)\n\n{table}\n")
-    (out / "sweep.json").write_text(json.dumps({"metric": metric, "alphas": alphas, "temperatures": temperatures,
-                                                "runs": rows}, indent=2))
-    sweep_heatmap(grid, alphas, temperatures, metric, out / "sweep.png")
 
 
 # 4. Cards and push ------------------------------------------------------------------------------------------------

@@ -128,19 +128,21 @@ def _launch(cmd, tmp_path, extra_env=None):
 
 
 def test_two_process_launch_writes_a_pipeline_ready_student(tmp_path):
-    """A real 2-process CPU launch (torchrun under accelerate, gloo): two ranks, the batch gathered across them."""
+    """A real 2-process CPU launch (torchrun under accelerate, gloo): two ranks, the batch gathered across them, the
+    class-logit terms' prompts encoded outside the DDP forward on the same parameters."""
     out = tmp_path / "student"
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     _launch(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no",
          "recipes/clip_student.py", "--config", str(SMOKE), "--output_dir", str(out),
-         "--max_steps", "4", "--save_strategy", "no", "--report_to", "none"],
+         "--max_steps", "4", "--save_strategy", "no", "--report_to", "none", "--class_kd_weight", "0.5"],
         tmp_path,
         extra_env={"ACCELERATE_USE_CPU": "1"},
     )
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["world_size"] == 2
+    assert {"class_ce", "class_kd"} <= {r["name"] for r in summary["losses"]}
     assert summary["gathered_batch_size"] == 2 * summary["per_device_train_batch_size"] == 32
     assert summary["global_step"] == 4
 

@@ -35,6 +35,8 @@ class ImageTextCollator:
         inputs: the preprocessing of the model being trained.
         teacher_inputs: the teacher's, for distillation (``None``: no teacher inputs).
         image_column, text_column, label_column: the example keys; ``labels`` becomes a float tensor of 0/1.
+        class_column: a column of class indices (a ``ClassLabel``), batched as ``class_labels`` (int64) for the
+            zero-shot class-logit terms.
     """
 
     def __init__(
@@ -44,8 +46,10 @@ class ImageTextCollator:
         image_column: str = "image",
         text_column: str = "text",
         label_column: str | None = None,
+        class_column: str | None = None,
     ):
         self.inputs, self.teacher_inputs = inputs, teacher_inputs
+        self.class_column = class_column
         self.image_column, self.text_column, self.label_column = image_column, text_column, label_column
         self.share_images = self.share_text = False
         if teacher_inputs is not None:
@@ -58,7 +62,7 @@ class ImageTextCollator:
             )
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        columns = [self.image_column, self.text_column] + ([self.label_column] if self.label_column else [])
+        columns = [self.image_column, self.text_column] + [c for c in (self.label_column, self.class_column) if c]
         for col in columns:
             if col not in examples[0]:
                 raise KeyError(
@@ -72,6 +76,8 @@ class ImageTextCollator:
             if any(y not in (0, 1) for y in labels):
                 raise ValueError(f"labels must be 0 (mismatch) or 1 (match), got {sorted(set(labels))}")
             batch["labels"] = torch.tensor(labels, dtype=torch.float32)  # (B,)
+        if self.class_column:
+            batch["class_labels"] = torch.tensor([ex[self.class_column] for ex in examples], dtype=torch.long)
 
         cached = {c: torch.as_tensor([ex[c] for ex in examples]) for c in CACHE_COLUMNS.values() if c in examples[0]}
         batch.update(cached)
@@ -94,9 +100,11 @@ class CLIPDistillationCollator(ImageTextCollator):
         teacher_inputs: Preprocessing | None = None,
         image_column: str = "image",
         text_column: str = "text",
+        class_column: str | None = None,
     ):
         self.processor = processor
-        super().__init__(processor_preprocessing(processor), teacher_inputs, image_column, text_column)
+        super().__init__(processor_preprocessing(processor), teacher_inputs, image_column, text_column,
+                         class_column=class_column)
 
 
 class MatchCollator(ImageTextCollator):

@@ -29,6 +29,7 @@ __all__ = [
     "PairDataArguments",
     "check_columns",
     "check_data_args",
+    "class_names",
     "describe_dataset",
     "load_pairs",
     "load_train_dataset",
@@ -74,6 +75,40 @@ def _conceptual_captions(a):
     )
 
 
+def _image_folder(a):
+    """An image folder with one sub-folder per class (``datasets``' ``imagefolder`` builder: ``image``, ``label``),
+    captioned ``"a photo of a <class>."`` (the folder name, underscores as spaces) in a ``text`` column."""
+    import datasets
+
+    if a.data_dir is None:
+        raise ConfigError("dataset_name=imagefolder: needs --data_dir, a folder with one sub-folder of images per "
+                          "class")
+    ds = datasets.load_dataset("imagefolder", data_dir=a.data_dir, split=a.train_split)
+    names = ds.features["label"].names if "label" in ds.features else None
+    if not names:
+        raise ConfigError(f"data_dir={a.data_dir}: no class sub-folders (imagefolder found no labels)")
+    ds = ds.map(lambda rows: {"text": [f"a photo of a {names[y].replace('_', ' ')}." for y in rows["label"]]},
+                batched=True)
+    if a.max_train_samples is not None:
+        ds = ds.select(range(min(a.max_train_samples, len(ds))))
+    return drop_bad_rows(ds, a.image_column, a.text_column, what=f"image folder {a.data_dir}")
+
+
+def class_names(dataset, data_args) -> list[str]:
+    """The class names of ``label_column`` (a ``ClassLabel``), for the zero-shot class-logit terms; a
+    :class:`~mmkd.checks.ConfigError` naming the option when the column is missing or holds no class names."""
+    features = getattr(dataset, "features", None) or {}
+    column = data_args.label_column
+    if column not in features:
+        raise ConfigError(f"label_column={column}: dataset {data_args.dataset_name!r} has no such column (its "
+                          f"columns are {', '.join(features) or 'unknown'}); class_kd_weight > 0 needs class labels")
+    names = getattr(features[column], "names", None)
+    if not names:
+        raise ConfigError(f"label_column={column}: not a ClassLabel column (no class names); cast it with "
+                          "Dataset.cast_column(..., ClassLabel(names=[...]))")
+    return list(names)
+
+
 def _fashion_mnist_description(a) -> str:
     subset = f"{a.max_train_samples:,} images of the" if a.max_train_samples else "the"
     return (f"Fashion-MNIST: {subset} training split (class-balanced), each captioned from its class name "
@@ -85,6 +120,9 @@ DATASETS: dict[str, DatasetSource] = {
         _shapes, "generated coloured shapes with captions (`mmkd.data.shapes`; for tests and smoke runs)"
     ),
     "fashion_mnist": DatasetSource(_fashion_mnist, _fashion_mnist_description, hub_id="fashion_mnist"),
+    "imagefolder": DatasetSource(
+        _image_folder, "the image folder {data_dir} (one sub-folder per class, captioned \"a photo of a <class>.\")"
+    ),
     "conceptual_captions": DatasetSource(
         _conceptual_captions,
         "Conceptual Captions (image-caption pairs; `mmkd.data.conceptual_captions`)",
@@ -104,6 +142,7 @@ class DataArguments:
         default="shapes",
         metadata={
             "help": "'shapes' (generated coloured shapes, offline), 'fashion_mnist' (Debian IDX files or --data_dir), "
+            "'imagefolder' (--data_dir with one sub-folder per class), "
             "'conceptual_captions' (--cc_tsv and webdataset shards in --data_dir, or --cc_image_dir), a directory "
             "written by Dataset.save_to_disk, or a datasets hub id (e.g. pixparse/cc3m-wds)."
         },
@@ -123,6 +162,9 @@ class DataArguments:
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     text_column: str = field(default="text", metadata={"help": "Column holding the captions."})
+    label_column: str = field(
+        default="label", metadata={"help": "ClassLabel column of class indices (the class-logit KD terms only)."}
+    )
     streaming: bool = field(default=False, metadata={"help": "Stream a hub dataset (needs --max_steps)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
     num_generated_examples: int = field(default=2048, metadata={"help": "Size of the generated 'shapes' set."})

@@ -8,7 +8,8 @@ terms; :func:`total_loss` sums them. The trainers build the modules from their l
 * :mod:`mmkd.losses.clip` -- triplet, embedding MSE / cosine, CLIP's contrastive loss, CLIP-KD's affinity term;
 * :mod:`mmkd.losses.match` -- the binary matcher's hard-label BCE, the soft logit terms, the feature term;
 * :mod:`mmkd.losses.features` -- hidden-state hints (FitNets), self-attention transfer (MiniLM) and SimKD's
-  feature alignment.
+  feature alignment;
+* :mod:`mmkd.losses.logits` -- Hinton KD on zero-shot class logits and the teacher-free virtual teacher.
 
 Teacher tensors are always constant targets (detached); half-precision inputs are upcast to float32.
 """
@@ -52,6 +53,11 @@ class LossInputs:
     teacher_image_feature: Tensor | None = None
     student_text_feature: Tensor | None = None
     teacher_text_feature: Tensor | None = None
+    # zero-shot class logits (mmkd.losses.logits): each model's (C, E) class embeddings, the images' class indices
+    student_classes: Tensor | None = None  # (C, E) from the student's text tower, this step (with gradients)
+    teacher_classes: Tensor | None = None  # (C, Et) from the teacher's, computed once
+    class_labels: Tensor | None = None  # (B,) class index of each image
+    teacher_logit_scale: Tensor | None = None  # () the teacher's exponentiated logit scale
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

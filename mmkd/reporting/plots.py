@@ -22,17 +22,21 @@ def _pyplot():
     return plt
 
 
-def sweep_heatmap(grid, alphas: list[float], temperatures: list[float], metric: str, path: str | Path) -> Path:
-    """An α (rows) × T (columns) grid of a validation metric (fractions), each cell labelled in %."""
+def sweep_heatmap(grid, alphas: list[float], temperatures: list[float], metric: str, path: str | Path,
+                  row_label: str = "α", col_label: str = "temperature T") -> Path:
+    """A grid of a validation metric (fractions), rows ``alphas`` × columns ``temperatures`` (or any two
+    parameters, named by ``row_label`` / ``col_label``), each cell labelled in %; empty cells (``nan``) blank."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.2 * len(temperatures) + 2, 0.9 * len(alphas) + 1.5))
     im = ax.imshow(100 * grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-    ax.set_xlabel("temperature T")
-    ax.set_ylabel("α")
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
     for i in range(len(alphas)):
         for j in range(len(temperatures)):
+            if np.isnan(grid[i, j]):
+                continue
             bright = im.norm(100 * grid[i, j]) > 0.6  # viridis turns yellow: dark text there
             ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", color="k" if bright else "w",
                     fontsize=8)
@@ -312,3 +316,44 @@ def bias_plot(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def study_bars(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """One bar per row (``label``, mean ``acc1``, ``acc1_sd`` as the error bar) of a study's table, in %."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2, 4))
+    ys = [100 * r["acc1"] for r in rows]
+    bars = ax.bar(range(len(rows)), ys, 0.6, yerr=[100 * (r.get("acc1_sd") or 0) for r in rows], capsize=3)
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(rows)), [r["label"].replace(" (", "\n(") for r in rows], fontsize=7)
+    ax.set_ylabel("zero-shot acc@1 (%)")
+    ax.set_ylim(max(0, min(ys) - 5), min(100, max(ys) + 3))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def fraction_curve(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Accuracy against the share of training images (log axis) for scratch and KD (rows with ``fraction``,
+    ``scratch`` and ``kd`` rows of ``acc1`` / ``acc1_sd``), the margin on a second axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = [100 * r["fraction"] for r in rows]
+    for key, label in (("scratch", "from scratch (α = 0)"), ("kd", "KD")):
+        ax.errorbar(xs, [100 * r[key]["acc1"] for r in rows], yerr=[100 * (r[key].get("acc1_sd") or 0) for r in rows],
+                    marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel("training images (% of 20,000), same steps")
+    ax.set_ylabel("zero-shot acc@1 (%)")
+    margin = ax.twinx()
+    margin.bar(xs, [100 * r["margin"] for r in rows], width=[0.25 * x for x in xs], alpha=0.25, color="grey")
+    margin.set_ylabel("KD − scratch (points, bars)")
+    ax.legend(loc="lower right")
+    ax.set_title("data fraction (Fashion-MNIST, 2+2 × 96 student)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -46,6 +46,7 @@ _TOWERS_OF_INPUT = {
     "student_image": {"image"},
     "student_text": {"text"},
     "student_logits": {"image", "text"},  # a matcher's head fuses both towers
+    "student_classes": {"text"},  # the class-prompt embeddings of the zero-shot class logits
     **{f"student_{tower}_{kind}": {tower} for tower in ("image", "text")
        for kind in ("hints", "attentions", "feature")},  # the feature terms (mmkd.losses.features)
 }

@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from mmkd.checks import at_least, greater_than, integer_at_least, one_of, optional
+from mmkd.checks import at_least, between, greater_than, integer_at_least, one_of, optional
+from mmkd.data.preprocessing import processor_preprocessing
 from mmkd.losses import LossInputs
 from mmkd.losses.clip import (
     AffinityDistillationLoss,
@@ -38,6 +39,7 @@ from mmkd.losses.features import (
     SimKDLoss,
     parse_layer_weights,
 )
+from mmkd.losses.logits import ClassCELoss, ClassKDLoss, VirtualTeacherLoss, class_embeddings
 from mmkd.students.clip import STRATEGIES
 from mmkd.students.width import IMPORTANCE
 from mmkd.teachers import BACKENDS
@@ -53,13 +55,44 @@ from mmkd.trainers.hints import (
     HintProjectors,
 )
 
-__all__ = ["CLIP_LOSS_TERMS", "CLIPDistillationConfig", "CLIPDistillationTrainer"]
+__all__ = ["CLIP_LOSS_TERMS", "CLIPDistillationConfig", "CLIPDistillationTrainer", "ClassTargets", "class_prompts",
+           "teacher_class_targets"]
 
 DISTILL_KINDS = ("mse_cosine", "mse", "cosine")
 NEGATIVES = ("hardest", "random")
 
 _STUDENT = frozenset({"student_image", "student_text"})
 _TEACHER = frozenset({"teacher_image", "teacher_text"})
+
+
+@dataclass(frozen=True)
+class ClassTargets:
+    """The teacher's side of the zero-shot class logits: its ``(C, E)`` class embeddings and its logit scale."""
+
+    embeddings: torch.Tensor
+    logit_scale: torch.Tensor
+
+
+def class_prompts(class_names: list[str], templates: list[str]) -> list[str]:
+    """Every ``(class, template)`` prompt, class-major (what :func:`~mmkd.losses.logits.class_embeddings` splits)."""
+    return [t.format(c=c) for c in class_names for t in templates]
+
+
+def teacher_class_targets(teacher, class_names: list[str], templates: list[str]) -> ClassTargets:
+    """The teacher's class embeddings from its own text tower and tokenizer (computed once: it is frozen)."""
+    tokens = teacher.inputs().texts(class_prompts(class_names, templates))
+    device = teacher.device
+    with torch.no_grad():
+        prompts = teacher.encode_text(tokens["input_ids"].to(device), tokens.get("attention_mask").to(device)
+                                      if tokens.get("attention_mask") is not None else None)
+    return ClassTargets(class_embeddings(prompts, len(class_names)).cpu(), teacher.logit_scale.detach().cpu())
+
+
+def _check_templates(templates) -> str | None:
+    bad = [t for t in templates or [] if "{c}" not in t]
+    if not templates:
+        return "give at least one template"
+    return f"{bad[0]!r} has no {{c}} placeholder for the class name" if bad else None
 
 
 def _per_tower(kind: str) -> frozenset[str]:
@@ -118,6 +151,35 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
         build=lambda a: AttentionTransferLoss(weight=a.attention_weight),
         needs=_per_tower("attentions"),
         description="MiniLM self-attention transfer (Wang et al., 2020)",
+    ),
+    "class_ce": LossTerm(
+        weight=lambda a: a.class_kd_weight * (1 - a.class_kd_alpha),
+        build=lambda a: ClassCELoss(weight=a.class_kd_weight * (1 - a.class_kd_alpha)),
+        needs=frozenset({"student_image", "student_classes", "class_labels", "logit_scale"}),
+        checks={"class_kd_weight": at_least(0), "class_kd_alpha": between(0, 1), "class_templates": _check_templates},
+        description="Hinton KD, hard part: (1 − α)·CE of the student's zero-shot class logits (Hinton et al., 2015)",
+        card_weight=lambda a: f"{a.class_kd_weight:g} × (1 − α = {1 - a.class_kd_alpha:g})",
+    ),
+    "class_kd": LossTerm(
+        weight=lambda a: a.class_kd_weight * a.class_kd_alpha,
+        build=lambda a: ClassKDLoss(weight=a.class_kd_weight * a.class_kd_alpha, temperature=a.class_kd_temperature),
+        needs=frozenset({"student_image", "student_classes", "teacher_image", "teacher_classes",
+                         "teacher_logit_scale", "logit_scale"}),
+        checks={"class_kd_temperature": greater_than(0)},
+        description="Hinton KD, soft part: α·T²·KL(softmax(t/T) ‖ softmax(s/T)) of the zero-shot class logits, "
+                    "T = {class_kd_temperature:g} (Hinton et al., 2015)",
+        card_weight=lambda a: f"{a.class_kd_weight:g} × (α = {a.class_kd_alpha:g})",
+    ),
+    "virtual_teacher": LossTerm(
+        weight="virtual_teacher_weight",
+        build=lambda a: VirtualTeacherLoss(weight=a.virtual_teacher_weight, a=a.virtual_teacher_a,
+                                           temperature=a.virtual_teacher_temperature,
+                                           gather=a.gather_across_processes),
+        needs=_STUDENT | {"logit_scale"},
+        checks={"virtual_teacher_a": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+                "virtual_teacher_temperature": greater_than(0)},
+        description="teacher-free KD: the contrastive targets smoothed toward uniform, a = {virtual_teacher_a:g}, "
+                    "T = {virtual_teacher_temperature:g} (Yuan et al., 2020)",
     ),
     "simkd": LossTerm(
         weight="simkd_weight",
@@ -192,6 +254,10 @@ class CLIPDistillationConfig(DistillationConfig):
     calibration_samples: int = field(
         default=64, metadata={"help": "Training rows whose teacher activations rank units (importance=activation)."}
     )
+    chain: str | None = field(
+        default=None, metadata={"help": "Teacher assistants, largest first: 4,2 (depths) or 4x144,2x96 (depth x "
+                                "width); each stage distils the next (mmkd.students.chain)."}
+    )
 
     def student_shape_options(self) -> dict[str, int | None]:
         """The width options as :func:`mmkd.students.build_student` keywords (``vision_width=...``)."""
@@ -240,6 +306,24 @@ class CLIPDistillationConfig(DistillationConfig):
         default=0.0, metadata={"help": "Weight of SimKD's feature alignment; > 0 also reuses the teacher's frozen "
                                "projections as the student's head (folded into the saved student's projections)."}
     )
+    class_kd_weight: float = field(
+        default=0.0, metadata={"help": "Weight of Hinton KD on the zero-shot class logits (needs class labels): "
+                               "(1 − α)·CE(student, y) + α·T²·KL(teacher ‖ student) at temperature T."}
+    )
+    class_kd_alpha: float = field(default=0.5, metadata={"help": "α of the class-logit KD: the soft term's share."})
+    class_kd_temperature: float = field(default=4.0, metadata={"help": "T of the class-logit KD (T² convention)."})
+    class_templates: list[str] = field(
+        default_factory=lambda: ["a photo of a {c}."],
+        metadata={"help": "Prompt templates ({c}: the class name) of the class embeddings; the student encodes "
+                  "classes × templates prompts every step."},
+    )
+    virtual_teacher_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the teacher-free virtual teacher on the contrastive logits."}
+    )
+    virtual_teacher_a: float = field(
+        default=0.9, metadata={"help": "The virtual teacher's probability of the matching caption / image."}
+    )
+    virtual_teacher_temperature: float = field(default=1.0, metadata={"help": "T of the virtual teacher."})
     projector: str = field(
         default="linear", metadata={"help": f"Student -> teacher width projector of the hints: "
                                     f"{', '.join(PROJECTOR_KINDS)} (training-only, never saved in the student)."}
@@ -264,7 +348,16 @@ class CLIPDistillationTrainer(FeatureTermsMixin, DistillationTrainer):
 
     config_class: ClassVar = CLIPDistillationConfig
 
-    def __init__(self, model=None, teacher=None, args: CLIPDistillationConfig = None, **kwargs):
+    def __init__(self, model=None, teacher=None, args: CLIPDistillationConfig = None,
+                 class_names: list[str] | None = None, teacher_classes: ClassTargets | None = None, **kwargs):
+        self.class_names = list(class_names) if class_names else None
+        if args is not None and "student_classes" in args.needed_inputs():
+            if not self.class_names:
+                raise ValueError("class_kd_weight > 0: the zero-shot class logits need class_names (the training "
+                                 "set's class labels, e.g. its ClassLabel names)")
+            if args.simkd_weight > 0:
+                raise ValueError("class_kd_weight > 0 with simkd_weight > 0: SimKD's inherited head is not applied "
+                                 "to the class prompts; use one of them")
         self.hint_pairs: dict[str, list[tuple[int, int]]] = {}
         self.attention_pairs: dict[str, list[tuple[int, int]]] = {}
         active = args.active_terms() if args is not None else {}
@@ -302,6 +395,17 @@ class CLIPDistillationTrainer(FeatureTermsMixin, DistillationTrainer):
         if self.simkd:
             self.add_callback(FoldTeacherHead(self))
             self.callback_handler.callbacks.insert(0, self.callback_handler.callbacks.pop())  # before evaluations
+        self.class_prompts: dict[str, torch.Tensor] | None = None
+        self.teacher_classes = teacher_classes
+        if "student_classes" in self.needed_inputs:
+            prompts = class_prompts(self.class_names, args.class_templates)
+            tokens = processor_preprocessing(self.processing_class).texts(prompts)
+            self.class_prompts = {k: v for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+            if "teacher_classes" in self.needed_inputs and teacher_classes is None:
+                if teacher is None:
+                    raise ValueError("class_kd_weight > 0 with alpha > 0 and no live teacher: pass teacher_classes "
+                                     "(teacher_class_targets of the teacher) with cached teacher embeddings")
+                self.teacher_classes = teacher_class_targets(teacher, self.class_names, args.class_templates)
         if "logit_scale" not in self.needed_inputs:
             # Only InfoNCE reads the student's temperature; a parameter with no gradient would stall DDP.
             self.accelerator.unwrap_model(self.model).logit_scale.requires_grad_(False)
@@ -371,6 +475,14 @@ class CLIPDistillationTrainer(FeatureTermsMixin, DistillationTrainer):
             student["_text_hidden"] = outputs.text_model_output.hidden_states
         if "logit_scale" in self.needed_inputs:
             student["logit_scale"] = self.accelerator.unwrap_model(model).logit_scale.exp()
+        if self.class_prompts is not None:
+            # Encoded every step, with gradients: the text tower is being trained, so embeddings cached across
+            # steps would be stale and would teach it nothing. The same parameters DDP wraps: their gradients
+            # are summed into the one backward DDP synchronises.
+            unwrapped = self.accelerator.unwrap_model(model)
+            device = inputs["input_ids"].device
+            prompts = unwrapped.get_text_features(**{k: v.to(device) for k, v in self.class_prompts.items()})
+            student["student_classes"] = class_embeddings(prompts.pooler_output, len(self.class_names))
         return student, outputs
 
     def loss_inputs(self, student: dict[str, Any], teacher: dict[str, Any]) -> LossInputs:
@@ -385,6 +497,15 @@ class CLIPDistillationTrainer(FeatureTermsMixin, DistillationTrainer):
                 del side[key]
         # Teacher targets in the student's dtype (under mixed precision both come out of autocast).
         teacher = {k: v.to(student[k.replace("teacher_", "student_")].dtype) for k, v in teacher.items()}
+        if "class_labels" in self.needed_inputs:
+            if "class_labels" not in self._batch:
+                raise ValueError("class_kd_weight > 0 but the batch has no class_labels: give the collator the "
+                                 "label column (class_column=)")
+            extra["class_labels"] = self._batch["class_labels"]
+        if "teacher_classes" in self.needed_inputs:
+            device = student["student_classes"].device
+            extra["teacher_classes"] = self.teacher_classes.embeddings.to(device)
+            extra["teacher_logit_scale"] = self.teacher_classes.logit_scale.to(device)
         return LossInputs(**student, **teacher, **extra)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -1,0 +1,95 @@
+"""Teacher assistants (mmkd.students.chain and the recipe's --chain): the stage plan, the hand-over of each
+stage's student as the next stage's teacher, and the per-stage reuse and resume."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+from transformers import CLIPModel
+
+from mmkd.checks import ConfigError
+from mmkd.students.chain import CHAIN_RECORD, ChainStage, check_chain, parse_chain
+from tests.conftest import REPO, load_recipe
+
+SMOKE = REPO / "recipes" / "configs" / "smoke.yaml"
+TEACHER = {"vision": (4, 64), "text": (4, 64)}  # the smoke config's tiny open_clip teacher: 4+4 layers, width 64
+
+
+def test_parse_chain():
+    assert parse_chain("3,2") == [ChainStage(3), ChainStage(2)]
+    assert parse_chain("3x24, 2x16") == [ChainStage(3, 24), ChainStage(2, 16)]
+    assert [s.label for s in parse_chain("3,2x16")] == ["3L", "2Lx16"]
+    for bad in ("3,,2", "three", "0", "2x0", "3y4"):
+        with pytest.raises(ConfigError, match=f"chain={bad}"):
+            parse_chain(bad)
+
+
+@pytest.mark.parametrize("spec, student, expected", [
+    ("2,3", {"vision": (1, None), "text": (1, None)}, "assistant 3L"),  # grows back
+    ("4", {"vision": (1, None), "text": (1, None)}, "assistant 4L"),  # as big as the teacher
+    ("3x72", {"vision": (1, None), "text": (1, None)}, "(vision: 3 layers, width 72)"),  # wider than the teacher
+    ("2", {"vision": (2, None), "text": (1, None)}, "the student (vision: 2 layers"),  # the student not smaller
+    ("3x16", {"vision": (2, 24), "text": (1, None)}, "width 24"),  # the student wider than its assistant
+])
+def test_every_model_of_a_chain_is_smaller_than_its_teacher(spec, student, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_chain(spec, parse_chain(spec), TEACHER, student)
+    check_chain("3,2", parse_chain("3,2"), TEACHER, {"vision": (1, None), "text": (1, None)})  # a good one
+    check_chain("4x24", parse_chain("4x24"), TEACHER, {"vision": (2, None), "text": (2, 16)})  # narrower, same depth
+
+
+def _argv(out, *extra):
+    return ["--config", str(SMOKE), "--output_dir", str(out), "--num_generated_examples", "32", "--max_steps", "2",
+            "--save_steps", "1", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true",
+            "--student_vision_layers", "1", "--student_text_layers", "1", *extra]
+
+
+def test_chain_hands_each_stage_to_the_next_and_resumes_per_stage(tmp_path, monkeypatch, capsys):
+    recipe = load_recipe("clip_student")
+    out = tmp_path / "chain"
+    summary = recipe.main(_argv(out, "--chain", "3,2x16"))
+    first, second = out / "assistants" / "1-3L", out / "assistants" / "2-2Lx16"
+    assert [s["stage"] for s in summary["chain"]] == ["3L", "2Lx16", "student"]
+    assert summary["chain"][0]["teacher"].endswith("tiny_openclip_vit.json")
+    assert [s["teacher"] for s in summary["chain"][1:]] == [str(first), str(second)]
+    # each stage's student is the next stage's teacher, and the shapes shrink stage by stage
+    for folder, teacher, layers, widths in ((first, None, 3, (64, 64)), (second, first, 2, (16, 16)),
+                                            (out, second, 1, (16, 16))):
+        config = CLIPModel.from_pretrained(folder).config
+        assert (config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers) == (layers, layers)
+        assert (config.vision_config.hidden_size, config.text_config.hidden_size) == widths
+        stage = json.loads((folder / "training_summary.json").read_text())
+        if teacher is not None:
+            assert stage["teacher"]["name"] == str(teacher)
+        assert (folder / CHAIN_RECORD).is_file()
+    first_weights = (first / "model.safetensors").stat().st_mtime_ns
+
+    # an interruption in the last stage: its finished record and weights gone, its first checkpoint kept
+    (out / CHAIN_RECORD).unlink()
+    (out / "model.safetensors").unlink()
+    shutil.rmtree(out / "checkpoint-2")
+    assert (out / "checkpoint-1").is_dir()
+    seen = []
+    train = recipe.train
+    monkeypatch.setattr(recipe, "train", lambda d, a, resume, argv=None: seen.append((a.output_dir, resume))
+                        or train(d, a, resume, argv))
+    again = recipe.main(_argv(out, "--chain", "3,2x16"))
+    assert seen == [(str(out), str(out / "checkpoint-1"))]  # the assistants reused, the student resumed
+    assert (first / "model.safetensors").stat().st_mtime_ns == first_weights
+    assert again["global_step"] == 2 and (out / CHAIN_RECORD).is_file()
+
+    # other options: the stages are trained again (a stage is reused only for the same arguments)
+    seen.clear()
+    recipe.main(_argv(out, "--chain", "3,2x16", "--learning_rate", "0.001"))
+    assert [folder for folder, _ in seen] == [str(first), str(second), str(out)]
+
+
+def test_a_bad_chain_is_refused_before_anything_trains(tmp_path, capsys):
+    recipe = load_recipe("clip_student")
+    with pytest.raises(SystemExit) as info:
+        recipe.main(_argv(tmp_path / "x", "--chain", "2,3"))
+    assert info.value.code == 2 and "chain=2,3: assistant 3L" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
