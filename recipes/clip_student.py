@@ -226,8 +226,6 @@ def run_chain(argv, data_args: DataArguments, args: CLIPDistillationConfig,
             stage_data, stage_args = parse_args([*argv, "--teacher_name_or_path", str(teacher), "--output_dir",
                                                  str(folder)], config_class, data_class)
             stage_args.chain = None
-            if stage_data.teacher_cache_dir:  # each stage has its own teacher: its own cache
-                stage_data.teacher_cache_dir = str(Path(data_args.teacher_cache_dir) / f"stage-{i + 1}")
             if i > 0:  # the teacher is now the previous stage's CLIPModel folder
                 stage_args.teacher_pretrained, stage_args.teacher_backend = None, "auto"
             if stage is not None:  # an assistant: the stage's shape; the student's own options are for the last
@@ -241,19 +239,21 @@ def run_chain(argv, data_args: DataArguments, args: CLIPDistillationConfig,
                     setattr(stage_args, f"student_{tower}_layers", depth)
             record = {"teacher": str(teacher), "stage": stage.label if stage else "student", "argv": argv}
             marker = folder / CHAIN_RECORD
-            if marker.is_file() and json.loads(marker.read_text()).get("record") == record:
-                logger.info("chain stage %d (%s): finished run in %s reused", i + 1, record["stage"], folder)
-                summary = json.loads((folder / "training_summary.json").read_text())
-            else:
+            reuse = marker.is_file() and json.loads(marker.read_text()).get("record") == record
+            if not reuse:  # the stage against its teacher, which exists now
                 check_args(stage_data, stage_args)
                 resume = resolve_resume("latest", folder, require_optimizer=not stage_args.save_only_model)
-                if PartialState().is_main_process:
-                    print(f"chain stage {i + 1} of {len(stages) + 1}: {record['stage']} from {teacher} -> {folder}",
-                          flush=True)
-                summary = train(stage_data, stage_args, resume, argv)
-                if PartialState().is_main_process:  # written last: the stage is complete
-                    marker.write_text(json.dumps({"record": record}, indent=2) + "\n")
-                PartialState().wait_for_everyone()
+        if reuse:
+            logger.info("chain stage %d (%s): finished run in %s reused", i + 1, record["stage"], folder)
+            summary = json.loads((folder / "training_summary.json").read_text())
+        else:
+            if PartialState().is_main_process:
+                print(f"chain stage {i + 1} of {len(stages) + 1}: {record['stage']} from {teacher} -> {folder}",
+                      flush=True)
+            summary = train(stage_data, stage_args, resume, argv)
+            if PartialState().is_main_process:  # written last: the stage is complete
+                marker.write_text(json.dumps({"record": record}, indent=2) + "\n")
+            PartialState().wait_for_everyone()
         done.append({"stage": record["stage"], "teacher": str(teacher), "output_dir": str(folder),
                      "parameters": summary["student"]["parameters"]["total"]})
         teacher = folder

@@ -80,12 +80,14 @@ def class_prompts(class_names: list[str], templates: list[str]) -> list[str]:
 
 def teacher_class_targets(teacher, class_names: list[str], templates: list[str]) -> ClassTargets:
     """The teacher's class embeddings from its own text tower and tokenizer (computed once: it is frozen)."""
-    tokens = teacher.inputs().texts(class_prompts(class_names, templates))
-    device = teacher.device
-    with torch.no_grad():
-        prompts = teacher.encode_text(tokens["input_ids"].to(device), tokens.get("attention_mask").to(device)
-                                      if tokens.get("attention_mask") is not None else None)
+    tokens = {k: v.to(teacher.device) for k, v in teacher.inputs().texts(class_prompts(class_names, templates)).items()}
+    prompts = teacher.encode_text(tokens["input_ids"], tokens.get("attention_mask"))  # no_grad: a frozen teacher
     return ClassTargets(class_embeddings(prompts, len(class_names)).cpu(), teacher.logit_scale.detach().cpu())
+
+
+def _probability(value) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+    return None if ok else "must be in (0, 1]"
 
 
 def _check_templates(templates) -> str | None:
@@ -176,7 +178,7 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
                                            temperature=a.virtual_teacher_temperature,
                                            gather=a.gather_across_processes),
         needs=_STUDENT | {"logit_scale"},
-        checks={"virtual_teacher_a": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+        checks={"virtual_teacher_a": _probability,
                 "virtual_teacher_temperature": greater_than(0)},
         description="teacher-free KD: the contrastive targets smoothed toward uniform, a = {virtual_teacher_a:g}, "
                     "T = {virtual_teacher_temperature:g} (Yuan et al., 2020)",
