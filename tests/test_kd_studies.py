@@ -116,3 +116,26 @@ def test_study_plots(tmp_path):
     fraction_curve([{"fraction": f, "scratch": row, "kd": {**row, "acc1": 0.81}, "margin": 0.01}
                     for f in (0.1, 1)], tmp_path / "curve.png")
     assert (tmp_path / "bars.png").stat().st_size > 1000 and (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_evaluation_is_kept_with_the_weights_it_measured(tmp_path, monkeypatch):
+    import mmkd.eval.zeroshot as zeroshot
+
+    calls = []
+    monkeypatch.setattr(zeroshot, "evaluate_zeroshot",
+                        lambda model, test, **kw: calls.append(model) or {"acc1": 0.7, "acc5": 0.9})
+
+    class Test(list):
+        name = "fake"
+
+    runner = StudyRunner(tmp_path, Test([0, 1]), ["a {c}."])
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": [{"train_runtime": 1}]}))
+    first = runner.evaluate(folder)
+    assert runner.evaluate(folder) == first and len(calls) == 1  # kept
+    StudyRunner(tmp_path, Test([0, 1]), ["another {c}."]).evaluate(folder)  # other templates: measured again
+    (folder / "model.safetensors").write_bytes(b"new weights!")  # retrained: measured again
+    runner.evaluate(folder)
+    assert len(calls) == 3

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUN_RECORD", "StudyRunner", "aggregate", "close_pairs", "seconds_per_step"]
+__all__ = ["EVAL_RECORD", "RUN_RECORD", "StudyRunner", "aggregate", "close_pairs", "seconds_per_step"]
 
 RUN_RECORD = "study_run.json"  # written last in a run's folder: the run finished with these arguments
+EVAL_RECORD = "study_eval.json"  # the run's zero-shot figures, with what they were measured on
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -57,16 +58,28 @@ class StudyRunner:
         from mmkd.args import import_script
 
         print(f"[study] {folder.name}", flush=True)
+        (folder / EVAL_RECORD).unlink(missing_ok=True)  # figures of earlier weights
         summary = import_script(self.recipe).main(argv)
         record.write_text(json.dumps({"argv": argv}, indent=2) + "\n")  # written last: the run is complete
         return summary
 
     def evaluate(self, folder: Path) -> dict[str, Any]:
-        """Zero-shot acc@1 / acc@5 of the student in ``folder`` and its training seconds per step."""
+        """Zero-shot acc@1 / acc@5 of the student in ``folder`` and its training seconds per step; kept in the
+        folder (``study_eval.json``) and reused while the weights, the test set and the templates are the same."""
         from mmkd.eval.zeroshot import evaluate_zeroshot
 
+        weights = sorted(Path(folder).glob("*.safetensors"))
+        key = {"test": getattr(self.test, "name", None), "images": len(self.test), "templates": self.templates,
+               "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
+        record = Path(folder) / EVAL_RECORD
+        if record.is_file():
+            stored = json.loads(record.read_text())
+            if stored.get("key") == json.loads(json.dumps(key)):
+                return stored["result"]
         result = evaluate_zeroshot(str(folder), self.test, templates=self.templates, progress=False)
-        return {"acc1": result["acc1"], "acc5": result["acc5"], "seconds_per_step": seconds_per_step(folder)}
+        row = {"acc1": result["acc1"], "acc5": result["acc5"], "seconds_per_step": seconds_per_step(folder)}
+        record.write_text(json.dumps({"key": key, "result": row}, indent=2) + "\n")
+        return row
 
     def run(self, name: str, argv: list[str], seed: int) -> dict[str, Any]:
         """Train (or reuse) run ``name`` at ``seed`` and evaluate it: ``{"seed", "folder", "acc1", "acc5",
