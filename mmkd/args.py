@@ -7,6 +7,7 @@ The recipes in ``recipes/`` stay flat scripts; this module keeps the parts they 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import re
@@ -14,6 +15,7 @@ import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
@@ -165,6 +167,29 @@ def command_line(script: str, argv: Sequence[str]) -> str:
             continue
         kept.append(arg)
     return shlex.join(["accelerate", "launch", script, *kept])
+
+
+def _option_values(argv: Sequence[str], option: str) -> list[str]:
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == option]
+    return values + [a.split("=", 1)[1] for a in argv if a.startswith(option + "=")]
+
+
+def run_inputs(argv: Sequence[str]) -> dict[str, Any]:
+    """What a run's result depends on beyond its command line: the SHA-256 of each ``--config`` file it reads and
+    the size and modification time of the last ``--teacher_name_or_path`` folder's weight files. A finished run
+    is reused only while these and its arguments are unchanged (editing the YAML or retraining the teacher
+    retrains it)."""
+    configs = {}
+    for value in _option_values(argv, "--config"):
+        path = Path(value)
+        configs[value] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    teacher = {}
+    teachers = _option_values(argv, "--teacher_name_or_path")
+    if teachers and Path(teachers[-1]).is_dir():
+        for weights in sorted(Path(teachers[-1]).glob("*.safetensors")) + sorted(Path(teachers[-1]).glob("*.bin")):
+            stat = weights.stat()
+            teacher[weights.name] = [stat.st_size, stat.st_mtime_ns]
+    return {"configs": configs, "teacher_weights": teacher}
 
 
 def import_script(path: str | Path):

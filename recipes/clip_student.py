@@ -54,7 +54,7 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from mmkd import args as recipe_args
-from mmkd.args import command_line, config_errors, refuse_token_option, write_training_config
+from mmkd.args import command_line, config_errors, refuse_token_option, run_inputs, write_training_config
 from mmkd.checks import ConfigError
 from mmkd.data import CLIPDistillationCollator
 from mmkd.data.cache import cache_teacher_embeddings
@@ -74,7 +74,7 @@ from mmkd.students.clip import student_depth
 from mmkd.students.width import resolve_width
 from mmkd.teachers import check_teacher_spec, load_teacher, teacher_shapes
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
-from mmkd.trainers.checkpoints import LATEST, resolve_resume
+from mmkd.trainers.checkpoints import LATEST, latest_checkpoint, resolve_resume
 from mmkd.trainers.clip_distillation import teacher_class_targets
 from mmkd.trainers.hints import parse_hint_layers
 
@@ -142,6 +142,10 @@ def validate(
     if args.chain:
         stages = parse_chain(args.chain)
         shapes = teacher_shapes(args.teacher_name_or_path) if check_teacher else None
+        if check_teacher and not shapes:
+            raise ConfigError(f"chain={args.chain}: needs a teacher whose shape is known before it loads (a local "
+                              f"folder, an open_clip name or config), not {args.teacher_name_or_path}; download it "
+                              "first (huggingface-cli download) and pass the folder")
         if shapes:  # the chain against the teacher: every model smaller than its teacher, before any stage trains
             check_teacher_spec(args.teacher_name_or_path, args.teacher_pretrained, args.teacher_backend)
             teacher = {tower: (shape.layers, shape.width) for tower, shape in shapes.items()}
@@ -237,12 +241,21 @@ def run_chain(argv, data_args: DataArguments, args: CLIPDistillationConfig,
             else:
                 for tower, depth in final_depths.items():
                     setattr(stage_args, f"student_{tower}_layers", depth)
-            record = {"teacher": str(teacher), "stage": stage.label if stage else "student", "argv": argv}
+            stage_argv = [*argv, "--teacher_name_or_path", str(teacher)]
+            record = {"teacher": str(teacher), "stage": stage.label if stage else "student", "argv": argv,
+                      "inputs": run_inputs(stage_argv)}  # the YAML's content and the stage's teacher weights
             marker = folder / CHAIN_RECORD
-            reuse = marker.is_file() and json.loads(marker.read_text()).get("record") == record
+            stored = read_chain_record(marker)
+            reuse = stored.get("record") == record and stored.get("complete") is True
             if not reuse:  # the stage against its teacher, which exists now
                 check_args(stage_data, stage_args)
-                resume = resolve_resume("latest", folder, require_optimizer=not stage_args.save_only_model)
+                if stored.get("record") == record:  # this very stage was interrupted: continue it
+                    resume = resolve_resume("latest", folder, require_optimizer=not stage_args.save_only_model)
+                elif latest_checkpoint(folder, require_optimizer=False) is not None:
+                    raise ConfigError(f"chain={args.chain}: {folder} holds checkpoints of another run (other "
+                                      "arguments, config or teacher); delete them or choose another --output_dir")
+                else:
+                    resume = None
         if reuse:
             logger.info("chain stage %d (%s): finished run in %s reused", i + 1, record["stage"], folder)
             summary = json.loads((folder / "training_summary.json").read_text())
@@ -250,9 +263,11 @@ def run_chain(argv, data_args: DataArguments, args: CLIPDistillationConfig,
             if PartialState().is_main_process:
                 print(f"chain stage {i + 1} of {len(stages) + 1}: {record['stage']} from {teacher} -> {folder}",
                       flush=True)
+                folder.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps({"record": record, "complete": False}, indent=2) + "\n")
             summary = train(stage_data, stage_args, resume, argv)
-            if PartialState().is_main_process:  # written last: the stage is complete
-                marker.write_text(json.dumps({"record": record}, indent=2) + "\n")
+            if PartialState().is_main_process:  # the stage is complete
+                marker.write_text(json.dumps({"record": record, "complete": True}, indent=2) + "\n")
             PartialState().wait_for_everyone()
         done.append({"stage": record["stage"], "teacher": str(teacher), "output_dir": str(folder),
                      "parameters": summary["student"]["parameters"]["total"]})
@@ -261,6 +276,14 @@ def run_chain(argv, data_args: DataArguments, args: CLIPDistillationConfig,
     if PartialState().is_main_process:
         Path(out, "training_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def read_chain_record(path: Path) -> dict:
+    """A stage's ``chain_stage.json`` (``{}`` when missing or unreadable: the stage is not finished)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def train(data_args: DataArguments, args: CLIPDistillationConfig, resume: str | None, argv=None) -> dict:

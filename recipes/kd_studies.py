@@ -83,8 +83,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip() and int(s) != args.seed]
     except ValueError as err:
         p.error(str(err))
-    if any(not 0 <= a <= 1 for a in args.alphas) or not 0 <= args.alpha <= 1:
-        p.error("--alphas / --alpha: α is in [0, 1]")
+    if any(not 0 <= a <= 1 for a in args.alphas):
+        p.error(f"--alphas {args.alphas}: α is in [0, 1]")
+    if not 0 < args.alpha <= 1:
+        p.error(f"--alpha {args.alpha:g}: the KD recipe's α is in (0, 1] (α = 0 is the scratch row)")
     if any(not 0 < f <= 1 for f in args.fractions):
         p.error(f"--fractions {args.fractions}: shares in (0, 1]")
     if any(not 0 < a <= 1 for a in args.virtual_a):
@@ -133,7 +135,11 @@ class Study:
         return argv
 
     def run(self, name: str, argv: list[str], seed: int | None = None) -> dict[str, Any]:
+        """Run ``name`` at ``seed`` once per study (a second call returns the first result)."""
         seed = self.args.seed if seed is None else seed
+        done = [r for r in self.runs.get(name, []) if r["seed"] == seed]
+        if done:
+            return done[0]
         result = self.runner.run(name, argv, seed)
         self.runs.setdefault(name, []).append(result)
         return result
@@ -152,8 +158,7 @@ class Study:
                  close_pairs({name: self.row(name) for name in self.runs}, pairs))
         for name in sorted(close):
             for seed in self.args.seeds:
-                if seed not in [r["seed"] for r in self.runs[name]]:
-                    self.run(name, configs[name], seed)
+                self.run(name, configs[name], seed)
 
     def write(self, stem: str, rows: list[dict[str, Any]], table: str, title: str, notes: str = "",
               extra: dict[str, Any] | None = None) -> None:
@@ -181,7 +186,7 @@ def student_name(alpha: float, temperature: float, shape: tuple[int, int] = STUD
 
 # -- the studies ---------------------------------------------------------------------------------------------------
 def grid_study(study: Study) -> list[dict[str, Any]]:
-    from mmkd.reporting.sweeps import Grid, write_grid
+    from mmkd.reporting.sweeps import Grid, run_grid, write_grid
     from mmkd.reporting.tables import markdown_table
 
     args = study.args
@@ -203,8 +208,9 @@ def grid_study(study: Study) -> list[dict[str, Any]]:
                                         "--affinity_temperature", f"{t:g}"])
     baseline = student_name(0, 1)
     configs.setdefault(baseline, study.argv([*shape, *kd_args(0, 1)]))
-    for name in dict.fromkeys([baseline, *cells.values()]):
-        study.run(name, configs[name])
+    study.run(baseline, configs[baseline])
+    run_grid(lambda r, c: study.run(cells[r, c], configs[cells[r, c]]), grid.row_values, grid.col_values,
+             keys=(grid.row_key, grid.col_key))  # the one grid runner (the match recipe's sweep uses it too)
     best = max(dict.fromkeys(cells.values()), key=lambda n: study.row(n)["acc1"])
     # the best of many seed-0 cells is biased upward (the largest of noisy figures): it and scratch always get the
     # extra seeds, whatever their gap

@@ -67,8 +67,10 @@ def test_chain_hands_each_stage_to_the_next_and_resumes_per_stage(tmp_path, monk
         assert (folder / CHAIN_RECORD).is_file()
     first_weights = (first / "model.safetensors").stat().st_mtime_ns
 
-    # an interruption in the last stage: its finished record and weights gone, its first checkpoint kept
-    (out / CHAIN_RECORD).unlink()
+    # an interruption in the last stage: what a kill leaves -- its in-progress record, its first checkpoint
+    record = json.loads((out / CHAIN_RECORD).read_text())
+    assert record["complete"] is True and record["record"]["inputs"]["teacher_weights"]
+    (out / CHAIN_RECORD).write_text(json.dumps({**record, "complete": False}))
     (out / "model.safetensors").unlink()
     shutil.rmtree(out / "checkpoint-2")
     assert (out / "checkpoint-1").is_dir()
@@ -81,10 +83,22 @@ def test_chain_hands_each_stage_to_the_next_and_resumes_per_stage(tmp_path, monk
     assert (first / "model.safetensors").stat().st_mtime_ns == first_weights
     assert again["global_step"] == 2 and (out / CHAIN_RECORD).is_file()
 
-    # other options: the stages are trained again (a stage is reused only for the same arguments)
+    # other options: a stage is reused only for the same arguments, and never resumes another run's checkpoints
     seen.clear()
-    recipe.main(_argv(out, "--chain", "3,2x16", "--learning_rate", "0.001"))
-    assert [folder for folder, _ in seen] == [str(first), str(second), str(out)]
+    with pytest.raises(SystemExit) as info:
+        recipe.main(_argv(out, "--chain", "3,2x16", "--learning_rate", "0.001"))
+    assert info.value.code == 2 and f"{first} holds checkpoints of another run" in capsys.readouterr().err
+    assert seen == []
+    fresh = tmp_path / "fresh"
+    recipe.main(_argv(fresh, "--chain", "3", "--learning_rate", "0.001"))
+    assert [resume for _, resume in seen] == [None, None]  # a new chain starts every stage from the beginning
+    # a retrained teacher (new weights) makes the stages after it stale: trained again
+    seen.clear()
+    shutil.rmtree(fresh / "assistants" / "1-3L")
+    with pytest.raises(SystemExit) as info:  # the student's folder holds checkpoints of the old teacher's run
+        recipe.main(_argv(fresh, "--chain", "3", "--learning_rate", "0.001"))
+    assert "holds checkpoints of another run" in capsys.readouterr().err
+    assert [folder for folder, _ in seen] == [str(fresh / "assistants" / "1-3L")]
 
 
 def test_a_bad_chain_is_refused_before_anything_trains(tmp_path, capsys):

@@ -39,6 +39,11 @@ def test_hinton_kd_golden_values_by_hand():
     ce, kd = hinton_kd_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([0]), 2.0)
     assert ce.item() == pytest.approx(0.313262, abs=1e-6)
     assert kd.item() == pytest.approx(0.489837, abs=1e-6)
+    # asymmetric logits tell KL(t ‖ s) from KL(s ‖ t): s = (2, 0), t = (0, 0), y = 1, T = 1.
+    # CE = log(1 + e²) = 2.126928; softmax(s) = (0.880797, 0.119203), softmax(t) = (0.5, 0.5);
+    # KL(t ‖ s) = 0.5·(log 0.5 − log 0.880797) + 0.5·(log 0.5 − log 0.119203) = 0.433781 (KL(s ‖ t) would be 0.325557)
+    ce, kd = hinton_kd_loss(torch.tensor([[2.0, 0.0]]), torch.zeros(1, 2), torch.tensor([1]), 1.0)
+    assert ce.item() == pytest.approx(2.126928, abs=1e-6) and kd.item() == pytest.approx(0.433781, abs=1e-6)
     # identical logits: no soft loss at any temperature
     same = torch.tensor([[0.3, -1.2, 2.0]])
     assert hinton_kd_loss(same, same, torch.tensor([2]), 5.0)[1].item() == pytest.approx(0.0, abs=1e-7)
@@ -134,6 +139,7 @@ def test_alpha_splits_the_class_term_and_alpha_zero_needs_no_teacher(tmp_path):
     ("class_kd_temperature", 0.0, "class_kd_temperature=0.0"),
     ("class_templates", ["a photo of a {}."], "no {c} placeholder"),
     ("virtual_teacher_a", 0.0, "virtual_teacher_a=0.0"),
+    ("class_templates", ["a {c} {}"], "only {c} may be in braces"),
 ])
 def test_bad_class_options_are_refused(tmp_path, field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -167,6 +173,24 @@ def test_trainer_encodes_the_class_prompts_each_step_with_gradients(tmp_path, op
     text_grads = [p.grad for n, p in trainer.model.text_model.named_parameters() if p.grad is not None]
     assert text_grads and any(g.abs().sum() > 0 for g in text_grads)  # only the class prompts reach the text tower
     assert trainer.model.logit_scale.grad is not None  # the student's scale is its zero-shot scale
+
+
+def test_class_embeddings_follow_the_training_student(tmp_path, open_clip_teacher, shapes):
+    """Encoded every step: after one optimiser step the student's class embeddings are its new text tower's."""
+    args = config(tmp_path, class_kd_weight=1.0, class_kd_alpha=0.0, contrastive_weight=0.0, max_steps=1,
+                  learning_rate=1e-2, warmup_steps=0)
+    trainer = _trainer(open_clip_teacher, shapes, args)
+    batch = trainer.data_collator([shapes[i] for i in range(8)])
+    with torch.no_grad():
+        before, _ = trainer.student_inputs(trainer.model, batch)
+    trainer.train()
+    with torch.no_grad():
+        after, _ = trainer.student_inputs(trainer.model, batch)
+        direct = trainer.model.get_text_features(**trainer.class_prompts).pooler_output
+    assert not torch.allclose(before["student_classes"], after["student_classes"], atol=1e-4)
+    from mmkd.losses.logits import class_embeddings as embed
+
+    assert torch.allclose(after["student_classes"], embed(direct, len(trainer.class_names)), atol=1e-6)
 
 
 def test_cached_teacher_gives_the_live_class_kd_loss(tmp_path, open_clip_teacher, shapes):
@@ -212,6 +236,23 @@ def test_recipe_trains_with_the_class_term_and_logs_both_parts(tmp_path):
     assert all(math.isfinite(logged[k]) for k in ("loss_class_ce", "loss_class_kd", "loss_virtual_teacher"))
 
 
+def test_recipe_trains_the_class_terms_from_the_teacher_cache(tmp_path):
+    recipe = load_recipe("clip_student")
+    argv = ["--config", str(SMOKE), "--num_generated_examples", "48", "--max_steps", "2", "--logging_steps", "1",
+            "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--class_kd_weight", "1",
+            "--class_kd_alpha", "1", "--triplet_weight", "0", "--image_distill_weight", "0",
+            "--text_distill_weight", "0", "--affinity_weight", "0", "--contrastive_weight", "0"]
+    live = recipe.main([*argv, "--output_dir", str(tmp_path / "live")])
+    cached = recipe.main([*argv, "--output_dir", str(tmp_path / "cached"), "--teacher_cache_dir", str(tmp_path / "c")])
+    assert live["teacher_embeddings"] == "live" and cached["teacher_embeddings"] == "cached"
+    import json
+
+    def first_loss(run):
+        return json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"][0]["loss_class_kd"]
+
+    assert first_loss("cached") == pytest.approx(first_loss("live"), rel=1e-4)  # the same targets, without the teacher
+
+
 def test_recipe_refuses_a_missing_or_unnamed_label_column(tmp_path, capsys):
     import datasets
 
@@ -234,16 +275,19 @@ def test_image_folder_with_class_subfolders_is_a_labelled_captioned_set(tmp_path
 
     from mmkd.data.sources import DataArguments, class_names, load_train_dataset
 
-    for name, colour in (("red_car", (200, 0, 0)), ("blue_boat", (0, 0, 200))):
+    for name, colour in (("red_car", (200, 0, 0)), ("blue_boat", (0, 0, 200))):  # folder names, underscores
         (tmp_path / "images" / name).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (16, 16), colour).save(tmp_path / "images" / name / f"{i}.png")
     data_args = DataArguments(dataset_name="imagefolder", data_dir=str(tmp_path / "images"))
     ds = load_train_dataset(data_args)
     names = class_names(ds, data_args)
-    assert sorted(names) == ["blue_boat", "red_car"] and len(ds) == 6
+    assert sorted(names) == ["blue boat", "red car"] and len(ds) == 6  # the captions' and the prompts' names
     for row in ds:
-        assert row["text"] == f"a photo of a {names[row['label']].replace('_', ' ')}."
+        assert row["text"] == f"a photo of a {names[row['label']]}."
+    capped = load_train_dataset(DataArguments(dataset_name="imagefolder", data_dir=str(tmp_path / "images"),
+                                              max_train_samples=4))
+    assert set(capped["label"]) == {0, 1}  # a cap keeps every class (the files come class by class)
     with pytest.raises(ConfigError, match="needs --data_dir"):
         load_train_dataset(DataArguments(dataset_name="imagefolder"))
     (tmp_path / "empty").mkdir()

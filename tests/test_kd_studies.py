@@ -40,10 +40,17 @@ def test_runner_trains_once_per_arguments_and_records_completion(tmp_path, monke
     runner.run("kd", ["--alpha", "1"], seed=0)  # reused: same arguments, finished
     calls = recipe.with_suffix(".calls").read_text().splitlines()
     assert len(calls) == 1 and calls[0].endswith("--seed 0 --output_dir " + first["folder"])
+    config = tmp_path / "c.yaml"
+    config.write_text("a: 1\n")
+    runner.run("kd", ["--alpha", "1", "--config", str(config)], seed=0)  # other arguments: trained again
+    config.write_text("a: 2\n")
+    runner.run("kd", ["--alpha", "1", "--config", str(config)], seed=0)  # the YAML edited: trained again
+    runner.run("kd", ["--alpha", "1", "--config", str(config)], seed=0)  # reused
+    assert len(recipe.with_suffix(".calls").read_text().splitlines()) == 3
     runner.run("kd", ["--alpha", "0.5"], seed=0)  # other arguments: trained again into the same folder
     (tmp_path / "study" / "kd-seed1").mkdir()
     runner.run("kd", ["--alpha", "0.5"], seed=1)  # a folder without a record is an unfinished run: trained
-    assert len(recipe.with_suffix(".calls").read_text().splitlines()) == 3
+    assert len(recipe.with_suffix(".calls").read_text().splitlines()) == 5
     assert json.loads((tmp_path / "study" / "kd-seed1" / RUN_RECORD).read_text())["argv"][-1].endswith("kd-seed1")
     from mmkd.reporting.studies import seconds_per_step
 
@@ -87,7 +94,8 @@ def test_study_command_line_refuses_bad_values_before_any_run(tmp_path, capsys):
                            (["data-fraction", "--fractions", "0,1"], "--fractions"),
                            (["teacher-free", "--virtual_a", "1.2"], "--virtual_a"),
                            (["grid", "--temperatures", "x"], "--temperatures=x"),
-                           (["chain"], "invalid choice: 'chain'")):
+                           (["chain"], "invalid choice: 'chain'"),
+                           (["assistants", "--alpha", "0"], "--alpha 0: the KD recipe's α is in (0, 1]")):
         with pytest.raises(SystemExit) as info:
             study.parse([*argv, "--teacher", str(teacher)])
         assert info.value.code == 2 and expected in capsys.readouterr().err

@@ -87,10 +87,11 @@ def _image_folder(a):
     names = ds.features["label"].names if "label" in ds.features else None
     if not names:
         raise ConfigError(f"data_dir={a.data_dir}: no class sub-folders (imagefolder found no labels)")
-    ds = ds.map(lambda rows: {"text": [f"a photo of a {names[y].replace('_', ' ')}." for y in rows["label"]]},
-                batched=True)
-    if a.max_train_samples is not None:
-        ds = ds.select(range(min(a.max_train_samples, len(ds))))
+    names = [n.replace("_", " ") for n in names]  # the captions' and the class prompts' names
+    ds = ds.cast_column("label", datasets.ClassLabel(names=names))
+    ds = ds.map(lambda rows: {"text": [f"a photo of a {names[y]}." for y in rows["label"]]}, batched=True)
+    if a.max_train_samples is not None:  # the files come class by class: a seeded shuffle keeps every class
+        ds = ds.shuffle(seed=0).select(range(min(a.max_train_samples, len(ds))))
     return drop_bad_rows(ds, a.image_column, a.text_column, what=f"image folder {a.data_dir}")
 
 

@@ -24,7 +24,11 @@ Regularization", Tf-KD_reg): a hand-made teacher that puts probability ``a`` on 
 (``softmax(log p / T)``, so ``T = 1`` is the distribution itself). For a CLIP batch the classes are the batch's
 captions (image→text rows) and images (text→image rows), the correct one on the diagonal, and the term is
 ``T² · KL(p_virtual ‖ softmax(s / T))`` averaged over both directions -- the contrastive targets smoothed toward
-uniform, the label-smoothing view of KD. With ``a = 1`` and ``T = 1`` it equals CLIP's InfoNCE.
+uniform, the label-smoothing view of KD. With ``a = 1`` and ``T = 1`` it equals CLIP's InfoNCE. This is the paper's
+form of a softened teacher (its logits ``log p`` over ``T``, the T² convention as for any teacher); the authors'
+released code instead applies ``softmax(p / T)`` to the probabilities, leaves the student unsoftened and scales by a
+multiplier. The two agree at ``T = 1``, which is what the studies use; at ``a = 1`` the target is one-hot at any
+``T``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ arguments -- evaluate it zero-shot on a classification set, and fold several see
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,17 +51,21 @@ class StudyRunner:
 
     def train(self, folder: Path, argv: list[str]) -> dict[str, Any]:
         """Train into ``folder`` with ``argv`` (``--output_dir`` added), or reuse the folder's finished run of
-        exactly these arguments; returns the recipe's training summary."""
-        argv = [*argv, "--output_dir", str(folder)]
-        record = folder / RUN_RECORD
-        if record.is_file() and json.loads(record.read_text()).get("argv") == argv:
-            return json.loads((folder / "training_summary.json").read_text())
-        from mmkd.args import import_script
+        exactly these arguments, config file contents and teacher weights (:func:`mmkd.args.run_inputs`); a
+        finished run of anything else is deleted first. Returns the recipe's training summary."""
+        from mmkd.args import import_script, run_inputs
 
+        argv = [*argv, "--output_dir", str(folder)]
+        wanted = {"argv": argv, "inputs": run_inputs(argv)}  # the arguments, the YAML's content, the teacher
+        record = folder / RUN_RECORD
+        if record.is_file():
+            if json.loads(record.read_text()) == wanted:
+                return json.loads((folder / "training_summary.json").read_text())
+            shutil.rmtree(folder)  # a finished run of other arguments: its checkpoints must not be resumed
         print(f"[study] {folder.name}", flush=True)
         (folder / EVAL_RECORD).unlink(missing_ok=True)  # figures of earlier weights
         summary = import_script(self.recipe).main(argv)
-        record.write_text(json.dumps({"argv": argv}, indent=2) + "\n")  # written last: the run is complete
+        record.write_text(json.dumps(wanted, indent=2) + "\n")  # written last: the run is complete
         return summary
 
     def evaluate(self, folder: Path) -> dict[str, Any]:

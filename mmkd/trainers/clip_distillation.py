@@ -18,6 +18,7 @@ processor. When a batch carries cached teacher embeddings the teacher is not run
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,6 +56,8 @@ from mmkd.trainers.hints import (
     HintProjectors,
 )
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["CLIP_LOSS_TERMS", "CLIPDistillationConfig", "CLIPDistillationTrainer", "ClassTargets", "class_prompts",
            "teacher_class_targets"]
 
@@ -91,10 +94,16 @@ def _probability(value) -> str | None:
 
 
 def _check_templates(templates) -> str | None:
-    bad = [t for t in templates or [] if "{c}" not in t]
     if not templates:
         return "give at least one template"
-    return f"{bad[0]!r} has no {{c}} placeholder for the class name" if bad else None
+    for template in templates:
+        if "{c}" not in template:
+            return f"{template!r} has no {{c}} placeholder for the class name"
+        try:
+            template.format(c="class")
+        except (KeyError, IndexError, ValueError):
+            return f"{template!r}: only {{c}} may be in braces (write {{{{ and }}}} for literal braces)"
+    return None
 
 
 def _per_tower(kind: str) -> frozenset[str]:
@@ -360,6 +369,15 @@ class CLIPDistillationTrainer(FeatureTermsMixin, DistillationTrainer):
             if args.simkd_weight > 0:
                 raise ValueError("class_kd_weight > 0 with simkd_weight > 0: SimKD's inherited head is not applied "
                                  "to the class prompts; use one of them")
+            if args.fsdp or args.deepspeed:
+                raise ValueError("class_kd_weight > 0 under FSDP / DeepSpeed: the class prompts run through the "
+                                 "student's text tower outside its wrapped forward, which sharded parameters do "
+                                 "not allow; train with DDP")
+            prompts = len(self.class_names) * len(args.class_templates)
+            if prompts > 1024:
+                logger.warning("class_kd: %d classes x %d templates = %d prompts through the student's text tower "
+                               "every step; fewer class_templates make each step cheaper", len(self.class_names),
+                               len(args.class_templates), prompts)
         self.hint_pairs: dict[str, list[tuple[int, int]]] = {}
         self.attention_pairs: dict[str, list[tuple[int, int]]] = {}
         active = args.active_terms() if args is not None else {}
