@@ -194,13 +194,14 @@ def grid_study(study: Study) -> list[dict[str, Any]]:
     configs: dict[str, list[str]] = {}
     if args.term == "class_kd":
         grid = Grid("alpha", args.alphas, "temperature", args.temperatures, metric="acc1", row_label="α",
-                    col_label="T")
+                    col_label="T", metric_label="zero-shot acc@1 (%)")
         cells = {(a, t): student_name(a, t) for a in args.alphas for t in args.temperatures}
         for (a, t), name in cells.items():
             configs[name] = study.argv([*shape, *kd_args(a, t)])
     else:
         grid = Grid("affinity_weight", args.affinity_weights, "affinity_temperature", args.affinity_temperatures,
-                    metric="acc1", row_label="affinity weight", col_label="affinity temperature")
+                    metric="acc1", row_label="affinity weight", col_label="affinity temperature",
+                    metric_label="zero-shot acc@1 (%)")
         cells = {(w, t): f"s{STUDENT[0]}x{STUDENT[1]}-scratch-affinity-w{w:g}-t{t:g}"
                  for w in args.affinity_weights for t in args.affinity_temperatures}
         for (w, t), name in cells.items():

@@ -23,7 +23,7 @@ def _pyplot():
 
 
 def sweep_heatmap(grid, alphas: list[float], temperatures: list[float], metric: str, path: str | Path,
-                  row_label: str = "α", col_label: str = "temperature T") -> Path:
+                  row_label: str = "α", col_label: str = "temperature T", metric_label: str | None = None) -> Path:
     """A grid of a validation metric (fractions), rows ``alphas`` × columns ``temperatures`` (or any two
     parameters, named by ``row_label`` / ``col_label``), each cell labelled in %; empty cells (``nan``) blank."""
     plt = _pyplot()
@@ -40,7 +40,7 @@ def sweep_heatmap(grid, alphas: list[float], temperatures: list[float], metric: 
             bright = im.norm(100 * grid[i, j]) > 0.6  # viridis turns yellow: dark text there
             ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", color="k" if bright else "w",
                     fontsize=8)
-    fig.colorbar(im, label=f"validation {metric} (%)")
+    fig.colorbar(im, label=metric_label or f"validation {metric} (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -34,6 +34,7 @@ class Grid:
     metric: str
     row_label: str | None = None
     col_label: str | None = None
+    metric_label: str | None = None  # the colour bar's (default "validation <metric> (%)")
 
 
 def parse_values(option: str, value: str) -> list[float]:
@@ -80,5 +81,5 @@ def write_grid(out: str | Path, rows: list[dict[str, Any]], grid: Grid, title: s
               **(extra or {}), "runs": rows}
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
     sweep_heatmap(values, list(grid.row_values), list(grid.col_values), grid.metric, out / f"{stem}.png",
-                  row_label=row_label, col_label=col_label)
+                  row_label=row_label, col_label=col_label, metric_label=grid.metric_label)
     return values
