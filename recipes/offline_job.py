@@ -108,8 +108,8 @@ def stage_argvs(job: JobArguments) -> dict[str, list[str]]:
         # No teacher anywhere: random weights, every term of the loss table off but CLIP's contrastive loss, as when
         # training the teacher.
         "--student_init", "random",
-        *[a for name, term in CLIPDistillationConfig.loss_terms.items()
-          for a in (f"--{term.weight}", "1.0" if name == "contrastive" else "0")],
+        *[a for field in dict.fromkeys(term.field for term in CLIPDistillationConfig.loss_terms.values())
+          for a in (f"--{field}", "1.0" if field == "contrastive_weight" else "0")],
         *(["--learning_rate", str(scratch_lr)] if scratch_lr else []),
         "--output_dir", str(out / "scratch"),
     ]

@@ -47,7 +47,8 @@ def validate(argv: list[str] | None = None):
     data_args, arch, args = parse_args(argv, DataArguments, ArchitectureArguments, CLIPDistillationConfig)
     refuse_token_option(args)
     if args.needs_teacher:
-        weights = [t.weight for t in args.active_terms().values() if any(n.startswith("teacher_") for n in t.needs)]
+        weights = list(dict.fromkeys(t.field for t in args.active_terms().values()
+                                     if any(n.startswith("teacher_") for n in t.needs)))
         raise ConfigError(f"{weights[0]}={getattr(args, weights[0])}: train_teacher trains from scratch: set "
                           f"{', '.join(weights)} to 0 (they need a teacher)")
     check_teacher_spec(arch.architecture, option="architecture")

@@ -66,6 +66,8 @@ class LossTerm:
         description: the model card's "what and where from" cell: a format string over the config's fields, or a
             function of the config.
         card_weight: how the card shows the weight (default: the weight itself).
+        weight_field: for a weight that is a function, the config field it scales (what turns the term off at 0);
+            for a field name, that name.
     """
 
     weight: str | Callable[[Any], float]
@@ -74,11 +76,17 @@ class LossTerm:
     checks: Mapping[str, Check] = field(default_factory=dict)
     description: str | Callable[[Any], str] = ""
     card_weight: Callable[[Any], Any] | None = None
+    weight_field: str | None = None
 
     def __post_init__(self):
         unknown = set(self.needs) - set(LossInputs.field_names())
         if unknown:
             raise ValueError(f"LossTerm needs unknown inputs {sorted(unknown)}; LossInputs has {LossInputs.field_names()}")
+
+    @property
+    def field(self) -> str | None:
+        """The config field whose value 0 turns the term off."""
+        return self.weight if isinstance(self.weight, str) else self.weight_field
 
     def weight_of(self, config: Any) -> float:
         return float(getattr(config, self.weight) if isinstance(self.weight, str) else self.weight(config))

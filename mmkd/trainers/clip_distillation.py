@@ -170,6 +170,7 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
         checks={"class_kd_weight": at_least(0), "class_kd_alpha": between(0, 1), "class_templates": _check_templates},
         description="Hinton KD, hard part: (1 − α)·CE of the student's zero-shot class logits (Hinton et al., 2015)",
         card_weight=lambda a: f"{a.class_kd_weight:g} × (1 − α = {1 - a.class_kd_alpha:g})",
+        weight_field="class_kd_weight",
     ),
     "class_kd": LossTerm(
         weight=lambda a: a.class_kd_weight * a.class_kd_alpha,
@@ -180,6 +181,7 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
         description="Hinton KD, soft part: α·T²·KL(softmax(t/T) ‖ softmax(s/T)) of the zero-shot class logits, "
                     "T = {class_kd_temperature:g} (Hinton et al., 2015)",
         card_weight=lambda a: f"{a.class_kd_weight:g} × (α = {a.class_kd_alpha:g})",
+        weight_field="class_kd_weight",
     ),
     "virtual_teacher": LossTerm(
         weight="virtual_teacher_weight",
