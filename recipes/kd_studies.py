@@ -336,6 +336,8 @@ def data_fraction_study(study: Study) -> list[dict[str, Any]]:
             study.run(name, configs[name])
     pairs = [(a, b) for a, b in zip(list(configs)[::2], list(configs)[1::2], strict=True)]
     study.more_seeds(configs, pairs)
+    deciding = [pair for fraction, pair in zip(args.fractions, pairs, strict=True) if fraction in (0.1, 1)]
+    study.more_seeds(configs, deciding, always=True)  # the target compares these two margins: never on one seed
     cells = []
     for fraction, (scratch, kd) in zip(args.fractions, pairs, strict=True):
         s, k = study.row(scratch), study.row(kd)
