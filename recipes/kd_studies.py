@@ -150,15 +150,20 @@ class Study:
         return {"name": name, **aggregate(self.runs[name])}
 
     def more_seeds(self, configs: dict[str, list[str]], pairs: list[tuple[str, str]], always: bool = False) -> None:
-        """Seeds ``--seeds`` for the compared rows within 1 point of each other after the first seed (``always``:
-        for every row of the pairs)."""
+        """Seeds ``--seeds`` for the compared rows within 1 point of each other (``always``: for every row of the
+        pairs), again after each round: the extra seeds move the means, and with them which rows are close."""
         from mmkd.reporting.studies import close_pairs
 
-        close = ({name for pair in pairs for name in pair} if always else
-                 close_pairs({name: self.row(name) for name in self.runs}, pairs))
-        for name in sorted(close):
-            for seed in self.args.seeds:
-                self.run(name, configs[name], seed)
+        done: set[str] = set()
+        while True:  # until no pair is newly close: more seeds move the means a row is compared with
+            close = ({name for pair in pairs for name in pair} if always else
+                     close_pairs({name: self.row(name) for name in self.runs}, pairs))
+            if close <= done:
+                return
+            for name in sorted(close - done):
+                for seed in self.args.seeds:
+                    self.run(name, configs[name], seed)
+            done |= close
 
     def write(self, stem: str, rows: list[dict[str, Any]], table: str, title: str, notes: str = "",
               extra: dict[str, Any] | None = None) -> None:
