@@ -85,6 +85,12 @@ def between(low: float, high: float) -> Check:
     return check
 
 
+def probability(value) -> str | None:
+    """A probability of an event that happens: in (0, 1]."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value <= 1
+    return None if ok else "must be in (0, 1]"
+
+
 def optional(check: Check) -> Check:
     """``check`` for a value that may also be ``None``."""
 

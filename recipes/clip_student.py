@@ -75,7 +75,7 @@ from mmkd.students.width import resolve_width
 from mmkd.teachers import check_teacher_spec, load_teacher, teacher_shapes
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
 from mmkd.trainers.checkpoints import LATEST, latest_checkpoint, resolve_resume
-from mmkd.trainers.clip_distillation import teacher_class_targets
+from mmkd.trainers.class_logits import teacher_class_targets
 from mmkd.trainers.hints import parse_hint_layers
 
 logger = logging.getLogger(__name__)

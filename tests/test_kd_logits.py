@@ -23,7 +23,7 @@ from mmkd.losses.logits import (
 )
 from mmkd.students import build_student
 from mmkd.trainers import CLIPDistillationConfig, CLIPDistillationTrainer
-from mmkd.trainers.clip_distillation import teacher_class_targets
+from mmkd.trainers.class_logits import teacher_class_targets
 from tests.conftest import REPO, load_recipe
 
 SMOKE = REPO / "recipes" / "configs" / "smoke.yaml"

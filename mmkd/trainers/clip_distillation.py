@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mmkd.checks import at_least, between, greater_than, integer_at_least, one_of, optional
+from mmkd.checks import at_least, between, greater_than, integer_at_least, one_of, optional, probability
 from mmkd.data.preprocessing import processor_preprocessing
 from mmkd.losses import LossInputs
 from mmkd.losses.clip import (
@@ -46,6 +46,7 @@ from mmkd.students.width import IMPORTANCE
 from mmkd.teachers import BACKENDS
 from mmkd.teachers.base import pooled_index
 from mmkd.trainers.base import DistillationConfig, DistillationTrainer, LossTerm
+from mmkd.trainers.class_logits import ClassTargets, check_templates, class_prompts, teacher_class_targets
 from mmkd.trainers.hints import (
     HINT_TOKENS,
     PROJECTOR_KINDS,
@@ -58,52 +59,13 @@ from mmkd.trainers.hints import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLIP_LOSS_TERMS", "CLIPDistillationConfig", "CLIPDistillationTrainer", "ClassTargets", "class_prompts",
-           "teacher_class_targets"]
+__all__ = ["CLIP_LOSS_TERMS", "CLIPDistillationConfig", "CLIPDistillationTrainer"]
 
 DISTILL_KINDS = ("mse_cosine", "mse", "cosine")
 NEGATIVES = ("hardest", "random")
 
 _STUDENT = frozenset({"student_image", "student_text"})
 _TEACHER = frozenset({"teacher_image", "teacher_text"})
-
-
-@dataclass(frozen=True)
-class ClassTargets:
-    """The teacher's side of the zero-shot class logits: its ``(C, E)`` class embeddings and its logit scale."""
-
-    embeddings: torch.Tensor
-    logit_scale: torch.Tensor
-
-
-def class_prompts(class_names: list[str], templates: list[str]) -> list[str]:
-    """Every ``(class, template)`` prompt, class-major (what :func:`~mmkd.losses.logits.class_embeddings` splits)."""
-    return [t.format(c=c) for c in class_names for t in templates]
-
-
-def teacher_class_targets(teacher, class_names: list[str], templates: list[str]) -> ClassTargets:
-    """The teacher's class embeddings from its own text tower and tokenizer (computed once: it is frozen)."""
-    tokens = {k: v.to(teacher.device) for k, v in teacher.inputs().texts(class_prompts(class_names, templates)).items()}
-    prompts = teacher.encode_text(tokens["input_ids"], tokens.get("attention_mask"))  # no_grad: a frozen teacher
-    return ClassTargets(class_embeddings(prompts, len(class_names)).cpu(), teacher.logit_scale.detach().cpu())
-
-
-def _probability(value) -> str | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
-    return None if ok else "must be in (0, 1]"
-
-
-def _check_templates(templates) -> str | None:
-    if not templates:
-        return "give at least one template"
-    for template in templates:
-        if "{c}" not in template:
-            return f"{template!r} has no {{c}} placeholder for the class name"
-        try:
-            template.format(c="class")
-        except (KeyError, IndexError, ValueError):
-            return f"{template!r}: only {{c}} may be in braces (write {{{{ and }}}} for literal braces)"
-    return None
 
 
 def _per_tower(kind: str) -> frozenset[str]:
@@ -167,7 +129,7 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
         weight=lambda a: a.class_kd_weight * (1 - a.class_kd_alpha),
         build=lambda a: ClassCELoss(weight=a.class_kd_weight * (1 - a.class_kd_alpha)),
         needs=frozenset({"student_image", "student_classes", "class_labels", "logit_scale"}),
-        checks={"class_kd_weight": at_least(0), "class_kd_alpha": between(0, 1), "class_templates": _check_templates},
+        checks={"class_kd_weight": at_least(0), "class_kd_alpha": between(0, 1), "class_templates": check_templates},
         description="Hinton KD, hard part: (1 − α)·CE of the student's zero-shot class logits (Hinton et al., 2015)",
         card_weight=lambda a: f"{a.class_kd_weight:g} × (1 − α = {1 - a.class_kd_alpha:g})",
         weight_field="class_kd_weight",
@@ -189,7 +151,7 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
                                            temperature=a.virtual_teacher_temperature,
                                            gather=a.gather_across_processes),
         needs=_STUDENT | {"logit_scale"},
-        checks={"virtual_teacher_a": _probability,
+        checks={"virtual_teacher_a": probability,
                 "virtual_teacher_temperature": greater_than(0)},
         description="teacher-free KD: the contrastive targets smoothed toward uniform, a = {virtual_teacher_a:g}, "
                     "T = {virtual_teacher_temperature:g} (Yuan et al., 2020)",
@@ -503,7 +465,9 @@ class CLIPDistillationTrainer(FeatureTermsMixin, DistillationTrainer):
             # are summed into the one backward DDP synchronises.
             unwrapped = self.accelerator.unwrap_model(model)
             device = inputs["input_ids"].device
-            prompts = unwrapped.get_text_features(**{k: v.to(device) for k, v in self.class_prompts.items()})
+            if self.class_prompts["input_ids"].device != device:  # moved once, not every step
+                self.class_prompts = {k: v.to(device) for k, v in self.class_prompts.items()}
+            prompts = unwrapped.get_text_features(**self.class_prompts)
             student["student_classes"] = class_embeddings(prompts.pooler_output, len(self.class_names))
         return student, outputs
 
