@@ -32,7 +32,7 @@ Fairness notes: both sides read the same PNG files from disk (open_clip_train th
 checkpoint saving (``--logs none``) and no reporting; neither side clips gradients (open_clip's default; mmkd is
 run with ``max_grad_norm=0``); both use AdamW. Differences that remain are the implementations': open_clip pads
 every caption to the full context length (77 tokens) in both towers of both models, mmkd's collator pads to the
-longest caption in the batch; open_clip's training transform is a random resized crop, mmkd's the teacher's
+longest caption in the batch and its open_clip teacher runs its causal text tower on that length too; open_clip's training transform is a random resized crop, mmkd's the teacher's
 resize + centre crop. Needs the ``bench`` extra (open_clip_train imports webdataset and braceexpand).
 """
 
@@ -397,8 +397,8 @@ def main() -> None:
 
     live = results["mmkd_live"]["samples_per_s"] / results["open_clip_distill"]["samples_per_s"]
     cache = results["mmkd_cached"]["samples_per_s"] / results["mmkd_no_teacher"]["samples_per_s"]
-    targets = {
-        "mmkd_live_vs_open_clip_distill": {"ratio": round(live, 3), "target": 1.1, "met": live >= 1.1},
+    targets = {  # issue 18 (1.1 in issue 4)
+        "mmkd_live_vs_open_clip_distill": {"ratio": round(live, 3), "target": 1.5, "met": live >= 1.5},
         "mmkd_cached_vs_no_teacher": {"ratio": round(cache, 3), "target": 0.95, "met": cache >= 0.95},
     }
     figures = {
@@ -424,7 +424,7 @@ def main() -> None:
     print(table(results))
     print()
     print(
-        f"mmkd live teacher / open_clip distillation = {live:.2f} (target >= 1.1: {'met' if live >= 1.1 else 'MISSED'})"
+        f"mmkd live teacher / open_clip distillation = {live:.2f} (target >= 1.5: {'met' if live >= 1.5 else 'MISSED'})"
     )
     print(
         f"mmkd cached / no-teacher limit = {cache:.2f} (target >= 0.95: {'met' if cache >= 0.95 else 'MISSED'})"

@@ -119,6 +119,8 @@ def build_models(args: CLIPDistillationConfig, calibration_rows: list[dict] | No
         allow_full_depth=args.student_init == "random",  # a same-size student from scratch (born-again KD)
     )
     counts = {"teacher": count_parameters(full), "student": count_parameters(student)}
+    if args.teacher_torch_dtype is not None:  # after the student took its float32 copy of the teacher's weights
+        teacher.to(args.teacher_torch_dtype)
     return teacher, student, processor, init, counts
 
 

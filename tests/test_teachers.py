@@ -158,3 +158,51 @@ def test_pooled_features_times_projection_are_the_embeddings(teacher):
         pooled = teacher.pooled_features(tower, states[-1], ids)
         torch.testing.assert_close(pooled @ teacher.projection(tower).T, embeds, rtol=1e-5, atol=1e-5)
         assert teacher.projection(tower).shape == (embeds.shape[1], teacher.hidden_widths()["vision" if tower == "image" else "text"])
+
+
+def _text_lengths(teacher):
+    """Record the sequence length every run of the teacher's text transformer sees."""
+    seen: list[int] = []
+    handle = teacher.model.transformer.register_forward_pre_hook(lambda m, args, kw=None: seen.append(
+        args[0].shape[1]))
+    return seen, handle
+
+
+def test_open_clip_text_tower_runs_on_the_longest_caption(open_clip_teacher):
+    """The causal text tower runs on the batch's longest caption, not 77 positions, with open_clip's embeddings
+    (to 1e-5); with hidden states it runs at the given ids' length; a non-causal tower still sees all 77."""
+    from mmkd.teachers.openclip import trimmed_length
+
+    teacher, model = open_clip_teacher, open_clip_teacher.model
+    full = teacher.inputs().texts(TEXTS)["input_ids"]  # (3, 77), zero padded
+    longest = int((full != 0).sum(dim=1).max())
+    assert trimmed_length(full) == longest < 77 and trimmed_length(torch.zeros(2, 5, dtype=torch.long)) == 1
+    assert teacher.trims_text
+    with torch.no_grad():
+        reference = model.encode_text(full)
+    seen, handle = _text_lengths(teacher)
+    try:
+        trimmed = teacher.encode_text(full)
+        out = teacher(pixel_values=torch.randn(3, 3, 32, 32), output_hidden_states=True, input_ids=full[:, :20])
+    finally:
+        handle.remove()
+    assert seen == [longest, 20]
+    torch.testing.assert_close(trimmed, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.text_embeds, reference, atol=1e-5, rtol=1e-5)
+    assert all(h.shape[1] == 20 for h in out.text_hidden_states)
+
+    causal_mask = model.attn_mask
+    model.attn_mask = None  # a bidirectional tower: every position matters, so it keeps open_clip's 77
+    try:
+        assert not teacher.trims_text
+        seen, handle = _text_lengths(teacher)
+        try:
+            with torch.no_grad():
+                bidirectional = model.encode_text(full)
+            assert seen == [77]
+            torch.testing.assert_close(teacher.encode_text(full[:, :longest]), bidirectional)
+        finally:
+            handle.remove()
+        assert seen == [77, 77]
+    finally:
+        model.attn_mask = causal_mask

@@ -58,6 +58,8 @@ def make_trainer(teacher, shapes, args, student=None):
         ("affinity_temperature", 0.0, "affinity_temperature=0.0"),
         ("triplet_weight", -1.0, "triplet_weight=-1.0"),
         ("student_vision_layers", 0, "student_vision_layers=0"),
+        ("teacher_dtype", "fp8", "teacher_dtype='fp8'"),
+        ("teacher_dtype", "float16", "teacher_dtype='float16': float16 runs only on a GPU"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, field, value, match):
@@ -88,6 +90,24 @@ def test_training_changes_every_student_parameter_and_no_teacher_parameter(tmp_p
                  "contrastive", "affinity"):
         assert f"loss_{term}" in logged
     assert trainer.gathered_batch_size == 8
+
+
+def test_a_bfloat16_teacher_meets_a_float32_student_in_float32(tmp_path, open_clip_teacher, shapes):
+    """teacher_dtype casts the frozen teacher's weights (not the student's); its outputs are close to the float32
+    teacher's and the losses (mmkd.losses.checks) read them in float32 next to the float32 student's."""
+    teacher = copy.deepcopy(open_clip_teacher)
+    student, _ = build_student(teacher.to_transformers())
+    trainer = make_trainer(teacher, shapes, make_config(tmp_path, teacher_dtype="bfloat16"), student=student)
+    assert trainer.teacher.dtype == torch.bfloat16 and trainer.model.dtype == torch.float32
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    got = trainer.teacher_inputs(batch)
+    assert {v.dtype for v in got.values()} == {torch.bfloat16}
+    reference = make_trainer(open_clip_teacher, shapes, make_config(tmp_path)).teacher_inputs(batch)
+    for name, value in got.items():
+        torch.testing.assert_close(value.float(), reference[name], atol=0.05, rtol=0.05)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_logit_scale_is_frozen_without_the_contrastive_term(tmp_path, open_clip_teacher, shapes):

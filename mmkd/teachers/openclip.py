@@ -30,6 +30,13 @@ def claims(name_or_path: str) -> bool:
     return name_or_path in open_clip.list_models()
 
 
+def trimmed_length(input_ids: torch.Tensor, pad_id: int = 0) -> int:
+    """The batch's longest caption: one past the last column holding any token other than ``pad_id`` (open_clip's
+    tokenizer pads with 0), at least 1."""
+    used = (input_ids != pad_id).any(dim=0).nonzero()  # (columns with a token, 1)
+    return int(used[-1]) + 1 if len(used) else 1
+
+
 class _OpenCLIPTexts:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -114,12 +121,46 @@ class OpenCLIPTeacher(CLIPTeacher):
         # open_clip pools at the argmax token id (the end-of-text token), so padding after it - whether open_clip's
         # zeros or a transformers tokenizer's pad id - changes nothing; the attention mask is implied by causality.
         input_ids = input_ids.to(self.device)
-        if input_ids.shape[1] < self.context_length:
-            # open_clip adds the full positional table, so ids padded to the longest text are padded up to it.
-            input_ids = F.pad(input_ids, (0, self.context_length - input_ids.shape[1]), value=0)
+        if not self.trims_text:
+            # A text tower that is not causal, or pools at the last position, sees every one of its context_length
+            # positions: run it as open_clip does, ids padded up to the full positional table.
+            if input_ids.shape[1] < self.context_length:
+                input_ids = F.pad(input_ids, (0, self.context_length - input_ids.shape[1]), value=0)
+            if not output_hidden_states:
+                return self.model.encode_text(input_ids), None
+            return self._run_with_hidden_states(self.model.transformer, lambda: self.model.encode_text(input_ids))
         if not output_hidden_states:
-            return self.model.encode_text(input_ids), None
-        return self._run_with_hidden_states(self.model.transformer, lambda: self.model.encode_text(input_ids))
+            # The batch's longest caption (the feature terms below read the states at the given positions instead).
+            return self._encode_trimmed_text(input_ids[:, : trimmed_length(input_ids)]), None
+        return self._run_with_hidden_states(self.model.transformer, lambda: self._encode_trimmed_text(input_ids))
+
+    @property
+    def trims_text(self) -> bool:
+        """Whether the text tower may run on the batch's longest caption instead of all ``context_length``
+        positions: a causal mask (position ``i`` sees only ``0..i``) and pooling at a token of the caption (the
+        end-of-text token or the first), so the positions after the longest caption change no embedding."""
+        model = self.model
+        return (getattr(model, "attn_mask", None) is not None and hasattr(model, "positional_embedding")
+                and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos", "first"))
+
+    def _encode_trimmed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``open_clip.CLIP.encode_text`` on ``L <= context_length`` positions: the first ``L`` rows of the positional
+        table and the top-left ``L x L`` block of the causal mask (the positions after ``L`` are never seen)."""
+        model, length = self.model, input_ids.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"the teacher's text tower takes at most {self.context_length} tokens, got {length}")
+        from open_clip.transformer import text_global_pool
+
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(input_ids).to(cast_dtype)  # (B, L, D)
+        x = x + model.positional_embedding[:length].to(cast_dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = model.ln_final(x)  # (B, L, D)
+        x = text_global_pool(x, input_ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        projection = model.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
     # -- preprocessing --------------------------------------------------------------------------------------
     def inputs(self) -> Preprocessing:

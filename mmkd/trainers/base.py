@@ -19,10 +19,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from mmkd.checks import Check, ConfigError, at_least, integer_at_least, run_checks
+from mmkd.checks import Check, ConfigError, at_least, integer_at_least, one_of, optional, run_checks
 from mmkd.losses import CombinedLoss, LossInputs, total_loss
 from mmkd.teachers.base import FrozenTeacher
 from mmkd.trainers.checkpoints import AtomicCheckpoints
@@ -37,6 +38,7 @@ TRAINING_CHECKS: dict[str, Check] = {
     "per_device_eval_batch_size": integer_at_least(1),
     "gradient_accumulation_steps": integer_at_least(1),
     "learning_rate": at_least(0),
+    "teacher_dtype": optional(one_of("float32", "bfloat16", "float16")),
     "weight_decay": at_least(0),
     "max_grad_norm": at_least(0),
 }
@@ -110,6 +112,12 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "open_clip only: pretrained tag (laion2b_s34b_b79k, openai) or local checkpoint path."},
     )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Keep the frozen teacher's weights in this dtype: float32, bfloat16 or float16 (GPU "
+                          "only). Default: as loaded. Halves a big teacher's memory and skips mixed precision's "
+                          "per-step casts of its weights; the losses read its outputs in float32."},
+    )
     # -- Trainer defaults that differ for image-text data -------------------------------------------------------
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep the image and text columns for the collator."}
@@ -136,6 +144,13 @@ class DistillationConfig(TrainingArguments):
             # tower gets no gradient from any active term.
             self.ddp_find_unused_parameters = not self.student_towers <= self.trained_towers()
         super().__post_init__()
+        if self.teacher_dtype == "float16" and self.device.type == "cpu":
+            raise ConfigError("teacher_dtype='float16': float16 runs only on a GPU; on a CPU use bfloat16 or float32")
+
+    @property
+    def teacher_torch_dtype(self) -> torch.dtype | None:
+        """``teacher_dtype`` as a torch dtype (``None``: keep the teacher's own)."""
+        return None if self.teacher_dtype is None else getattr(torch, self.teacher_dtype)
 
     # -- derived from the loss table --------------------------------------------------------------------------
     def active_terms(self) -> dict[str, LossTerm]:
@@ -195,6 +210,8 @@ class DistillationTrainer(LossTermLoggingMixin, AtomicCheckpoints, Trainer, abc.
         self.needed_inputs = args.needed_inputs()
         # The loss is a mean over the micro-batch: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
+        if teacher is not None and args.teacher_torch_dtype not in (None, teacher.dtype):
+            teacher.to(args.teacher_torch_dtype)
         self.teacher = None if teacher is None else self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     @abc.abstractmethod
