@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather_no_grad", "gather_with_grad", "get_rank_and_world_size"]
+__all__ = ["gather_no_grad", "gather_with_grad", "get_rank_and_world_size", "local_rows"]
 
 
 def get_rank_and_world_size() -> tuple[int, int]:
@@ -32,6 +32,13 @@ def get_rank_and_world_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def local_rows(batch_size: int) -> slice | None:
+    """This rank's rows of a batch gathered from ``batch_size`` rows per rank (``None`` when not distributed): what a
+    local loss computes against the whole gathered batch."""
+    rank, world_size = get_rank_and_world_size()
+    return None if world_size == 1 else slice(rank * batch_size, (rank + 1) * batch_size)
 
 
 def _resolve(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -98,6 +98,21 @@ def _worker_body(rank: int) -> dict[str, object]:
     out["affinity"] = a_loss.detach()
     out["affinity_grads"] = [g.detach() for g in torch.autograd.grad(a_loss, [s_img, s_txt])]
 
+    # open_clip's --local-loss: this rank's rows against the gathered batch; per-rank losses differ, gradients don't.
+    local_contrastive = CLIPContrastiveLoss(local_loss=True)
+    c_local = local_contrastive(LossInputs(student_image=s_img, student_text=s_txt, logit_scale=log_scale.exp()))[
+        "contrastive"
+    ]
+    out["local_contrastive"] = c_local.detach()
+    out["local_contrastive_grads"] = [g.detach() for g in torch.autograd.grad(c_local, [s_img, s_txt, log_scale])]
+    local_affinity = AffinityDistillationLoss(temperature=TEMPERATURE, local_loss=True)
+    a_local = local_affinity(LossInputs(student_image=s_img, student_text=s_txt, teacher_image=t_img,
+                                        teacher_text=t_txt))["affinity"]
+    out["local_affinity"] = a_local.detach()
+    out["local_affinity_grads"] = [g.detach() for g in torch.autograd.grad(a_local, [s_img, s_txt])]
+    out["local_gathered_sizes"] = (local_contrastive.last_gathered_batch_size,
+                                   local_affinity.last_gathered_batch_size)
+
     out["gathered_sizes"] = (
         contrastive.last_gathered_batch_size,
         affinity.last_gathered_batch_size,
@@ -201,6 +216,28 @@ def test_local_gradients_are_world_size_times_full_batch_rows(
         a_img, a_txt = res["affinity_grads"]  # type: ignore[misc]
         torch.testing.assert_close(a_img, WORLD_SIZE * ref["affinity_grads"][0][rows], atol=1e-9, rtol=1e-7)
         torch.testing.assert_close(a_txt, WORLD_SIZE * ref["affinity_grads"][1][rows], atol=1e-9, rtol=1e-7)
+
+
+def test_local_loss_gives_the_global_gradients(worker_results: list[dict[str, object]]) -> None:
+    """local_loss: each rank's loss covers its own rows (so the ranks' losses differ and average to the global one),
+    and every gradient DDP would apply equals the global loss's to 1e-6: the embeddings' per rank, logit_scale's
+    after DDP's average over ranks."""
+    ref = _reference()
+    for name in ("contrastive", "affinity"):
+        per_rank = [res[f"local_{name}"].item() for res in worker_results]  # type: ignore[union-attr]
+        assert abs(per_rank[0] - per_rank[1]) > 1e-3, (name, per_rank)  # really local
+        assert abs(sum(per_rank) / WORLD_SIZE - ref[name].item()) < 1e-6, name  # type: ignore[union-attr]
+    for rank, res in enumerate(worker_results):
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        assert res["local_gathered_sizes"] == (WORLD_SIZE * LOCAL_BATCH,) * 2
+        for name, today in (("contrastive", res["contrastive_grads"]), ("affinity", res["affinity_grads"])):
+            local = res[f"local_{name}_grads"]
+            for tower in (0, 1):
+                torch.testing.assert_close(local[tower], today[tower], atol=1e-6, rtol=0)  # type: ignore[index]
+                torch.testing.assert_close(local[tower], WORLD_SIZE * ref[f"{name}_grads"][tower][rows],
+                                           atol=1e-6, rtol=0)
+    scale = sum(res["local_contrastive_grads"][2] for res in worker_results) / WORLD_SIZE  # type: ignore[index]
+    torch.testing.assert_close(scale, ref["contrastive_grads"][2], atol=1e-6, rtol=0)
 
 
 def test_gather_rank_order_no_grad_and_errors(worker_results: list[dict[str, object]]) -> None:

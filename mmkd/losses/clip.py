@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmkd.checks import check_non_negative, check_positive
-from mmkd.distributed import gather_no_grad, gather_with_grad
+from mmkd.distributed import gather_no_grad, gather_with_grad, local_rows
 from mmkd.losses import LossInputs
 from mmkd.losses.checks import check_same_shape, require, upcast
 
@@ -169,7 +169,9 @@ def cosine_distance(student: Tensor, teacher: Tensor) -> Tensor:
     return (1.0 - cos).mean()
 
 
-def clip_contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | float) -> Tensor:
+def clip_contrastive_loss(
+    image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | float, rows: slice | None = None
+) -> Tensor:
     """CLIP's symmetric InfoNCE loss (Radford et al., "Learning Transferable Visual Models From
     Natural Language Supervision", ICML 2021).
 
@@ -181,13 +183,25 @@ def clip_contrastive_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale
     HF's ``CLIPModel`` and open_clip do). It is not exponentiated here. A tensor with
     ``requires_grad`` receives a gradient, so a learnable temperature keeps training.
 
+    Local loss (open_clip's ``--local-loss``): with ``rows``, only those pairs' images and captions (this rank's,
+    of a gathered batch) are scored against every caption and image of the batch, and the loss is their mean:
+    ``O(b * B)`` memory instead of ``O(B^2)``. The ranks' local losses sum to ``world_size`` times the global one,
+    so with :func:`~mmkd.distributed.gather_with_grad` (whose backward sums every rank's gradient) each rank's
+    embeddings get today's gradient exactly.
+
     Args:
         image_embeds, text_embeds: ``(B, D)`` raw embeddings, possibly gathered across processes.
         logit_scale: positive float or 0-d tensor.
+        rows: optional slice of the ``B`` rows whose loss is computed (default: all, as one ``B x B`` matrix).
     """
     check_same_shape("image_embeds", image_embeds, "text_embeds", text_embeds)
     img = F.normalize(upcast(image_embeds), dim=-1)  # (B, D)
     txt = F.normalize(upcast(text_embeds), dim=-1)  # (B, D)
+    if rows is not None:
+        labels = torch.arange(img.shape[0], device=img.device)[rows]  # (b,): the pairs' columns
+        image_to_text = logit_scale * img[rows] @ txt.T  # (b, B)
+        text_to_image = logit_scale * txt[rows] @ img.T  # (b, B)
+        return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
     logits = logit_scale * img @ txt.T  # (B, B); row i = image i against every caption
     labels = torch.arange(logits.shape[0], device=logits.device)  # (B,)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -207,6 +221,7 @@ def affinity_distillation_loss(
     teacher_image: Tensor,
     teacher_text: Tensor,
     temperature: float = 0.05,
+    rows: slice | None = None,
 ) -> Tensor:
     """Contrastive relational distillation (CRD) of Yang et al., "CLIP-KD: An Empirical Study of CLIP
     Model Distillation", CVPR 2024.
@@ -228,6 +243,8 @@ def affinity_distillation_loss(
         student_image, student_text: ``(B, Ds)`` raw student embeddings (possibly gathered).
         teacher_image, teacher_text: ``(B, Dt)`` raw teacher embeddings (possibly gathered).
         temperature: positive softmax temperature.
+        rows: optional slice of the ``B`` rows whose image->text and text->image rows are compared (a local loss,
+            as in :func:`clip_contrastive_loss`); default all.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -241,6 +258,10 @@ def affinity_distillation_loss(
     s_txt = F.normalize(upcast(student_text), dim=-1)  # (B, Ds)
     t_img = F.normalize(upcast(teacher_image).detach(), dim=-1)  # (B, Dt)
     t_txt = F.normalize(upcast(teacher_text).detach(), dim=-1)  # (B, Dt)
+    if rows is not None:  # (b, B) rows of each direction instead of one (B, B) matrix
+        image_to_text = _row_kl(t_img[rows] @ t_txt.T / temperature, s_img[rows] @ s_txt.T / temperature)
+        text_to_image = _row_kl(t_txt[rows] @ t_img.T / temperature, s_txt[rows] @ s_img.T / temperature)
+        return (image_to_text + text_to_image) / 2
     student_logits = s_img @ s_txt.T / temperature  # (B, B); rows: images, columns: captions
     teacher_logits = t_img @ t_txt.T / temperature  # (B, B)
     image_to_text = _row_kl(teacher_logits, student_logits)
@@ -374,8 +395,9 @@ class CLIPContrastiveLoss(nn.Module):
     With ``gather=True`` student image and text embeddings are all-gathered *with* gradients before
     :func:`clip_contrastive_loss`, so every rank contrasts against ``world_size * B`` captions, as in
     open_clip with ``gather_with_grad=True``. ``logit_scale`` is the exponentiated multiplier
-    (``1 / temperature``, e.g. ``student.logit_scale.exp()``) and is required.
-    ``last_gathered_batch_size`` records the row count of the last computed loss.
+    (``1 / temperature``, e.g. ``student.logit_scale.exp()``) and is required. ``local_loss=True`` scores only
+    this rank's rows against the gathered batch (open_clip's ``--local-loss``: the same gradients, ``world_size``
+    times less memory for the logits). ``last_gathered_batch_size`` records the row count of the last computed loss.
     """
 
     citation = """@inproceedings{radford2021clip,
@@ -388,10 +410,11 @@ class CLIPContrastiveLoss(nn.Module):
   year      = {2021}
 }"""
 
-    def __init__(self, weight: float = 1.0, gather: bool = True) -> None:
+    def __init__(self, weight: float = 1.0, gather: bool = True, local_loss: bool = False) -> None:
         super().__init__()
         self.weight = check_non_negative("weight", weight)
         self.gather = gather
+        self.local_loss = local_loss
         self.last_gathered_batch_size: int | None = None
 
     terms = ("contrastive",)
@@ -405,14 +428,16 @@ class CLIPContrastiveLoss(nn.Module):
         logit_scale = require(
             "logit_scale (the exponentiated multiplier, e.g. 100.0)", inputs.logit_scale, "CLIPContrastiveLoss"
         )
+        rows = local_rows(student_image.shape[0]) if self.gather and self.local_loss else None
         if self.gather:
             student_image = gather_with_grad(student_image)  # (world_size * B, D)
             student_text = gather_with_grad(student_text)  # (world_size * B, D)
         self.last_gathered_batch_size = student_image.shape[0]
-        return {"contrastive": self.weight * clip_contrastive_loss(student_image, student_text, logit_scale)}
+        loss = clip_contrastive_loss(student_image, student_text, logit_scale, rows)
+        return {"contrastive": self.weight * loss}
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, gather={self.gather}"
+        return f"weight={self.weight}, gather={self.gather}, local_loss={self.local_loss}"
 
 
 class AffinityDistillationLoss(nn.Module):
@@ -420,8 +445,8 @@ class AffinityDistillationLoss(nn.Module):
 
     With ``gather=True`` student embeddings are gathered with gradients and teacher embeddings
     without, so the affinity rows span ``world_size * B`` candidates. ``temperature`` divides cosine
-    similarities (0.01 equals CLIP's logit scale of 100); see :func:`affinity_distillation_loss`.
-    ``last_gathered_batch_size`` records the row count of the last computed loss.
+    similarities (0.01 equals CLIP's logit scale of 100); see :func:`affinity_distillation_loss`. ``local_loss``:
+    as in :class:`CLIPContrastiveLoss`. ``last_gathered_batch_size`` records the row count of the last computed loss.
     """
 
     citation = """@inproceedings{yang2024clipkd,
@@ -432,11 +457,14 @@ class AffinityDistillationLoss(nn.Module):
   year      = {2024}
 }"""
 
-    def __init__(self, temperature: float = 0.05, weight: float = 1.0, gather: bool = True) -> None:
+    def __init__(
+        self, temperature: float = 0.05, weight: float = 1.0, gather: bool = True, local_loss: bool = False
+    ) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
         self.weight = check_non_negative("weight", weight)
         self.gather = gather
+        self.local_loss = local_loss
         self.last_gathered_batch_size: int | None = None
 
     terms = ("affinity",)
@@ -450,6 +478,7 @@ class AffinityDistillationLoss(nn.Module):
         student_text = require("student_text", inputs.student_text, name)
         teacher_image = require("teacher_image", inputs.teacher_image, name)
         teacher_text = require("teacher_text", inputs.teacher_text, name)
+        rows = local_rows(student_image.shape[0]) if self.gather and self.local_loss else None
         if self.gather:
             student_image = gather_with_grad(student_image)  # (world_size * B, Ds)
             student_text = gather_with_grad(student_text)  # (world_size * B, Ds)
@@ -458,11 +487,12 @@ class AffinityDistillationLoss(nn.Module):
             teacher_text = gather_no_grad(teacher_text)  # (world_size * B, Dt)
         self.last_gathered_batch_size = student_image.shape[0]
         loss = affinity_distillation_loss(
-            student_image, student_text, teacher_image, teacher_text, self.temperature
+            student_image, student_text, teacher_image, teacher_text, self.temperature, rows
         )
         return {"affinity": self.weight * loss}
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, weight={self.weight}, gather={self.gather}"
+        return (f"temperature={self.temperature}, weight={self.weight}, gather={self.gather}, "
+                f"local_loss={self.local_loss}")
 
 

@@ -98,14 +98,16 @@ CLIP_LOSS_TERMS: dict[str, LossTerm] = {
     "text_distill": _embedding_term("text"),
     "contrastive": LossTerm(
         weight="contrastive_weight",
-        build=lambda a: CLIPContrastiveLoss(weight=a.contrastive_weight, gather=a.gather_across_processes),
+        build=lambda a: CLIPContrastiveLoss(weight=a.contrastive_weight, gather=a.gather_across_processes,
+                                            local_loss=a.local_loss),
         needs=_STUDENT | {"logit_scale"},
         description="CLIP's InfoNCE (Radford et al., 2021)",
     ),
     "affinity": LossTerm(
         weight="affinity_weight",
         build=lambda a: AffinityDistillationLoss(
-            temperature=a.affinity_temperature, weight=a.affinity_weight, gather=a.gather_across_processes
+            temperature=a.affinity_temperature, weight=a.affinity_weight, gather=a.gather_across_processes,
+            local_loss=a.local_loss,
         ),
         needs=_STUDENT | _TEACHER,
         checks={"affinity_temperature": greater_than(0)},
@@ -257,6 +259,12 @@ class CLIPDistillationConfig(DistillationConfig):
     )
     gather_across_processes: bool = field(
         default=True, metadata={"help": "Gather embeddings over processes (with gradients) for batch-wide terms."}
+    )
+    local_loss: bool = field(
+        default=False,
+        metadata={"help": "open_clip's --local-loss: the contrastive and affinity terms score only this process's "
+                          "rows against the gathered batch (b x B logits instead of B x B on every process; the same "
+                          "gradients). The virtual-teacher term stays global."},
     )
     hint_weight: float = field(
         default=0.0, metadata={"help": "Weight of the FitNets hidden-state hints, per tower (0 disables)."}
