@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	@# DeepSpeed (optional extra, for the ZeRO configs' tests) ships as a source package whose setup imports torch
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -c constraints.txt 'deepspeed>=0.19'
 	@# The demo and the slow tests read Fashion-MNIST (the real images available offline) from the Debian
 	@# package's IDX files (mmkd/data/fashion_mnist.py); install it when missing and we can, never fail on it.
 	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null \

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather_no_grad", "gather_with_grad", "get_rank_and_world_size", "local_rows"]
+__all__ = ["expose_input_embeddings", "prepare_for_sharding", "restore_scalars", "gather_no_grad", "gather_with_grad", "get_rank_and_world_size", "local_rows"]
 
 
 def get_rank_and_world_size() -> tuple[int, int]:
@@ -152,3 +152,58 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _text_token_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    return model.text_model.embeddings.token_embedding
+
+
+def expose_input_embeddings(model: torch.nn.Module) -> None:
+    """Give a two-tower ``CLIPModel`` the ``get_input_embeddings()`` accelerate's FSDP2 wrapping asks for.
+
+    ``accelerate``'s ``fsdp2_prepare_model`` shards the input embedding as its own unit and calls
+    ``model.get_input_embeddings()`` to find it; transformers' ``CLIPModel`` raises ``NotImplementedError`` there (it
+    has two towers), so FSDP2 training of a stock ``CLIPModel`` fails at ``prepare`` without this. The answer is the
+    text tower's token embedding — what ``CLIPTextModel.get_input_embeddings()`` returns. Only this instance is
+    changed (nothing is saved with it); a model that answers already is left alone.
+    """
+    import types
+
+    if not hasattr(model, "get_input_embeddings"):
+        return  # not a transformers model: accelerate's getattr default applies
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:
+        if getattr(getattr(model, "text_model", None), "embeddings", None) is None:
+            raise
+        model.get_input_embeddings = types.MethodType(_text_token_embedding, model)
+
+
+def prepare_for_sharding(model: torch.nn.Module) -> list[str]:
+    """Make a stock ``CLIPModel`` acceptable to FSDP2 (``torch.distributed.fsdp.fully_shard``, as accelerate wraps
+    it) and to DeepSpeed.
+
+    Both fail on 0-d parameters, and ``CLIPModel.logit_scale`` is one: FSDP2 refuses them ("fully_shard doesn't
+    support scalar parameters"), DeepSpeed 0.19's engine crashes broadcasting them ("self.dim() cannot be 0 to view
+    Float as Byte"). Every 0-d parameter becomes a 1-element 1-d one (``logit_scale.exp()`` broadcasts the same in the loss and
+    in ``CLIPModel.forward``), and :func:`restore_scalars` turns them back in the state dict that is saved, so the
+    saved folder is a stock ``CLIPModel``. Also :func:`expose_input_embeddings`. Returns the reshaped names; call it
+    before the optimizer is created.
+    """
+    expose_input_embeddings(model)
+    reshaped = []
+    for name, param in list(model.named_parameters()):
+        if param.ndim == 0:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            setattr(module, leaf, torch.nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
+            reshaped.append(name)
+    return reshaped
+
+
+def restore_scalars(state_dict: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+    """Undo :func:`prepare_for_sharding`'s reshaping in a (full) state dict about to be saved."""
+    for name in names:
+        if name in state_dict and state_dict[name].shape == (1,):
+            state_dict[name] = state_dict[name].reshape(())
+    return state_dict

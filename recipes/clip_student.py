@@ -352,6 +352,7 @@ def train(data_args: DataArguments, args: CLIPDistillationConfig, resume: str | 
         "teacher": {"name": teacher.name, "backend": teacher.backend, "parameters": teacher_params},
         "student": {"parameters": student_params, "init": asdict(init)},
         "world_size": trainer.accelerator.num_processes,
+        "distributed_type": trainer.accelerator.distributed_type.value,  # NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gathered_batch_size": trainer.gathered_batch_size,
         "teacher_embeddings": "cached" if use_cache else ("live" if args.needs_teacher else "none"),

@@ -263,3 +263,35 @@ def test_not_initialised_is_identity() -> None:
         gather_with_grad(x, world_size=2)
     with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
         gather_no_grad(x, world_size=0)
+
+
+def test_a_stock_clip_model_is_made_acceptable_to_fsdp2_and_saved_back_as_stock():
+    """prepare_for_sharding: CLIPModel's 0-d logit_scale (refused by fully_shard) becomes 1-d and its
+    get_input_embeddings() (NotImplementedError in transformers) answers; outputs unchanged; restore_scalars gives
+    back the state dict a stock CLIPModel loads."""
+    from transformers import CLIPModel
+
+    from mmkd.distributed import prepare_for_sharding, restore_scalars
+    from tests.conftest import tiny_clip_config
+
+    torch.manual_seed(0)
+    model = CLIPModel(tiny_clip_config()).eval()
+    with pytest.raises(NotImplementedError):
+        model.get_input_embeddings()
+    inputs = {"input_ids": torch.randint(0, 99, (2, 7)), "pixel_values": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        before = model(**inputs).logits_per_image
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert prepare_for_sharding(model) == ["logit_scale"]
+    assert model.logit_scale.shape == (1,) and model.logit_scale.requires_grad
+    assert all(p.ndim > 0 for p in model.parameters())
+    assert model.get_input_embeddings() is model.text_model.embeddings.token_embedding
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits_per_image, before, rtol=0, atol=0)
+
+    restored = restore_scalars(model.state_dict(), ["logit_scale"])
+    assert {k: v.shape for k, v in restored.items()} == {k: v.shape for k, v in original.items()}
+    fresh = CLIPModel(tiny_clip_config())
+    fresh.load_state_dict(restored)  # strict: a stock CLIPModel takes it
+    assert torch.equal(fresh.logit_scale, original["logit_scale"])

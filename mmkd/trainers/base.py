@@ -24,6 +24,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from mmkd.checks import Check, ConfigError, at_least, integer_at_least, one_of, optional, run_checks
+from mmkd.distributed import prepare_for_sharding, restore_scalars
 from mmkd.losses import CombinedLoss, LossInputs, total_loss
 from mmkd.teachers.base import FrozenTeacher
 from mmkd.trainers.checkpoints import AtomicCheckpoints
@@ -206,13 +207,25 @@ class DistillationTrainer(LossTermLoggingMixin, AtomicCheckpoints, Trainer, abc.
                 f"teacher must be a frozen mmkd teacher (mmkd.teachers.load_teacher), got {type(teacher).__name__}"
             )
         super().__init__(model=model, args=args, **kwargs)
+        # FSDP2 and DeepSpeed fail on CLIPModel's 0-d logit_scale; FSDP2 also asks it for get_input_embeddings()
+        sharded = self.accelerator.is_fsdp2 or self.is_deepspeed_enabled
+        self._sharding_scalars = prepare_for_sharding(self.model) if sharded else []
         self.loss_fn = args.build_loss()
         self.needed_inputs = args.needed_inputs()
         # The loss is a mean over the micro-batch: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         if teacher is not None and args.teacher_torch_dtype not in (None, teacher.dtype):
             teacher.to(args.teacher_torch_dtype)
-        self.teacher = None if teacher is None else self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # The frozen teacher is replicated, never sharded: evaluation_mode skips DDP/FSDP wrapping, and the explicit
+        # device placement is needed because accelerate leaves every model's placement to FSDP under FSDP.
+        self.teacher = None if teacher is None else self.accelerator.prepare_model(
+            teacher, device_placement=True, evaluation_mode=True
+        )
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        if self._sharding_scalars and state_dict is not None:  # FSDP2 / DeepSpeed hand over the gathered state dict
+            state_dict = restore_scalars(dict(state_dict), self._sharding_scalars)
+        return super()._save(output_dir, state_dict=state_dict)
 
     @abc.abstractmethod
     def teacher_inputs(self, inputs: dict) -> dict[str, Any]:
