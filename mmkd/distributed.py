@@ -24,7 +24,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["expose_input_embeddings", "prepare_for_sharding", "restore_scalars", "gather_no_grad", "gather_with_grad", "get_rank_and_world_size", "local_rows"]
+__all__ = [
+    "expose_input_embeddings",
+    "gather_no_grad",
+    "gather_with_grad",
+    "get_rank_and_world_size",
+    "local_rows",
+    "prepare_for_sharding",
+    "restore_scalars",
+]
 
 
 def get_rank_and_world_size() -> tuple[int, int]:
@@ -185,10 +193,10 @@ def prepare_for_sharding(model: torch.nn.Module) -> list[str]:
 
     Both fail on 0-d parameters, and ``CLIPModel.logit_scale`` is one: FSDP2 refuses them ("fully_shard doesn't
     support scalar parameters"), DeepSpeed 0.19's engine crashes broadcasting them ("self.dim() cannot be 0 to view
-    Float as Byte"). Every 0-d parameter becomes a 1-element 1-d one (``logit_scale.exp()`` broadcasts the same in the loss and
-    in ``CLIPModel.forward``), and :func:`restore_scalars` turns them back in the state dict that is saved, so the
-    saved folder is a stock ``CLIPModel``. Also :func:`expose_input_embeddings`. Returns the reshaped names; call it
-    before the optimizer is created.
+    Float as Byte"). Every 0-d parameter becomes a 1-element 1-d one (``logit_scale.exp()`` broadcasts the same in
+    the loss and in ``CLIPModel.forward``), and :func:`restore_scalars` turns them back in the state dict that is
+    saved, so the saved folder is a stock ``CLIPModel``. Also :func:`expose_input_embeddings`. Returns the reshaped
+    names; call it before the optimizer is created.
     """
     expose_input_embeddings(model)
     reshaped = []

@@ -189,7 +189,8 @@ def test_fsdp2_over_gloo_follows_ddp_and_saves_a_stock_clip_model(tmp_path):
     for name in ("fsdp2_full_shard.yaml", "fsdp2_shard_grad_op.yaml"):
         out = tmp_path / name.removesuffix(".yaml")
         _run([[_accelerate(), "launch", "--config_file", str(CONFIGS / name), *cpu,
-               "--main_process_port", str(_free_port()), "tests/fsdp_cpu_launch.py", *_recipe_argv(out, 10)]])
+               "--main_process_port", str(_free_port()), "tests/fsdp_cpu_launch.py", *_recipe_argv(out, 10),
+               "--save_strategy", "steps", "--save_steps", "5"]])
         assert json.loads((out / "training_summary.json").read_text())["distributed_type"] == "FSDP", name
         assert _losses(out) == pytest.approx(reference, abs=1e-4), name
         weights = _weights(out)
@@ -197,6 +198,15 @@ def test_fsdp2_over_gloo_follows_ddp_and_saves_a_stock_clip_model(tmp_path):
         assert max((weights[k] - reference_weights[k]).abs().max().item() for k in weights) < 1e-4, name
         student = CLIPModel.from_pretrained(str(out))
         assert type(student) is CLIPModel and student.config.vision_config.num_hidden_layers == 2
+    # Resume under FSDP2: from the full-shard run's step-5 checkpoint (FSDP's own model and optimizer files) to the
+    # same weights as the uninterrupted run.
+    full, resumed = tmp_path / "fsdp2_full_shard", tmp_path / "resumed"
+    assert (full / "checkpoint-5" / "pytorch_model_fsdp.bin").is_file()
+    _run([[_accelerate(), "launch", "--config_file", str(CONFIGS / "fsdp2_full_shard.yaml"), *cpu,
+           "--main_process_port", str(_free_port()), "tests/fsdp_cpu_launch.py", *_recipe_argv(resumed, 10),
+           "--resume_from_checkpoint", str(full / "checkpoint-5")]])
+    a, b = _weights(full), _weights(resumed)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
 def _deepspeed_worker(rank, port, prepared, out):
