@@ -58,6 +58,7 @@ from mmkd.args import command_line, config_errors, refuse_token_option, run_inpu
 from mmkd.checks import ConfigError
 from mmkd.data import CLIPDistillationCollator
 from mmkd.data.cache import cache_teacher_embeddings
+from mmkd.data.sidecars import ViewSpec, build_sidecars, stream_with_sidecars
 from mmkd.data.sources import (
     DataArguments,
     check_data_args,
@@ -180,9 +181,10 @@ def check_args(data_args: DataArguments, args: CLIPDistillationConfig, check_tea
     check_data_args(data_args)
     features = {"hint_weight": args.hint_weight, "attention_weight": args.attention_weight,
                 "simkd_weight": args.simkd_weight}
-    if any(w > 0 for w in features.values()) and data_args.teacher_cache_dir:
-        raise ConfigError(f"teacher_cache_dir={data_args.teacher_cache_dir}: {', '.join(k for k, w in features.items() if w > 0)}"
-                          " > 0 needs the live teacher's hidden states, which the cache does not hold; drop one of them")
+    for option in ("teacher_cache_dir", "teacher_sidecar_dir"):
+        if any(w > 0 for w in features.values()) and getattr(data_args, option):
+            raise ConfigError(f"{option}={getattr(data_args, option)}: {', '.join(k for k, w in features.items() if w > 0)}"
+                              " > 0 needs the live teacher's hidden states, which the cache does not hold; drop one of them")
     for tower, shape in shapes.items():  # the layer choices against the student's depth
         depth = student_depth(shape.layers, getattr(args, f"student_{tower}_layers"),
                               allow_full_depth=args.student_init == "random")
@@ -308,11 +310,21 @@ def train(data_args: DataArguments, args: CLIPDistillationConfig, resume: str | 
         teacher, student, processor, init, counts = build_models(args, rows, data_args.image_column,
                                                                  data_args.text_column)
     teacher_params, student_params = counts["teacher"], counts["student"]
-    use_cache = data_args.teacher_cache_dir is not None and args.needs_teacher
+    use_sidecars = data_args.teacher_sidecar_dir is not None and args.needs_teacher
+    use_cache = (data_args.teacher_cache_dir is not None and args.needs_teacher) or use_sidecars
     # the teacher's class embeddings, computed once (also when the cache replaces the teacher in training)
     classes = (teacher_class_targets(teacher.to(args.device), names, args.class_templates)
                if "teacher_classes" in args.needed_inputs() else None)
-    if use_cache:
+    if use_sidecars:
+        spec = ViewSpec(views=data_args.teacher_views, seed=args.seed)
+        with config_errors():  # a stale sidecar is one line naming its shard and what changed
+            build_sidecars(data_args.data_dir, teacher.to(args.device), data_args.teacher_sidecar_dir, spec=spec,
+                           batch_size=args.per_device_train_batch_size, accelerator=PartialState())
+            train_dataset = stream_with_sidecars(data_args.data_dir, teacher, data_args.teacher_sidecar_dir,
+                                                 spec=spec)
+        if data_args.max_train_samples:
+            train_dataset = train_dataset.take(data_args.max_train_samples)
+    elif use_cache:
         with config_errors():  # a stale cache is one line naming what changed
             train_dataset = cache_teacher_embeddings(
                 train_dataset,
@@ -355,7 +367,8 @@ def train(data_args: DataArguments, args: CLIPDistillationConfig, resume: str | 
         "distributed_type": trainer.accelerator.distributed_type.value,  # NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gathered_batch_size": trainer.gathered_batch_size,
-        "teacher_embeddings": "cached" if use_cache else ("live" if args.needs_teacher else "none"),
+        "teacher_embeddings": ("sidecars" if use_sidecars else "cached" if use_cache
+                               else "live" if args.needs_teacher else "none"),
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "wall_time_s": round(time.time() - start, 1),

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mmkd.data.preprocessing import Preprocessing, processor_preprocessing
+from mmkd.data.sidecars import VIEW_COLUMN, apply_view
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class ImageTextCollator:
                     f"Example has no column {col!r} (it has {sorted(examples[0])}); set image_column / text_column."
                 )
         images = [ex[self.image_column] for ex in examples]
+        if VIEW_COLUMN in examples[0]:  # a teacher sidecar's augmented view: cut exactly the pixels it embedded
+            images = [apply_view(image, ex[VIEW_COLUMN]) for image, ex in zip(images, examples, strict=True)]
         texts = [ex[self.text_column] for ex in examples]
         batch: dict[str, torch.Tensor] = {"pixel_values": self.inputs.images(images), **self.inputs.texts(texts)}
         if self.label_column:

@@ -177,6 +177,22 @@ class DataArguments:
             "preprocessing and dataset) and train without running the teacher. Map-style datasets only."
         },
     )
+    teacher_sidecar_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Streamed webdataset shards (conceptual_captions, --data_dir, --streaming true): write the "
+            "teacher's embeddings once per shard into this folder (<shard>.teacher.safetensors; keyed, resumable, "
+            "built by every process in parallel) and train from shards + sidecars without running the teacher."
+        },
+    )
+    teacher_views: int = field(
+        default=0,
+        metadata={
+            "help": "With --teacher_sidecar_dir: K augmented views (random resized crop + flip) embedded per image; "
+            "training samples one per image and epoch and the student sees exactly that view. 0: the teacher's "
+            "deterministic validation view only."
+        },
+    )
 
 
 _GLOB = ("*", "?", "[", "{")
@@ -210,7 +226,18 @@ def check_data_args(data_args) -> None:
             raise ConfigError(f"{option}={value}: must be an integer >= 1")
     if getattr(data_args, "teacher_cache_dir", None) and getattr(data_args, "streaming", False):
         raise ConfigError(f"teacher_cache_dir={data_args.teacher_cache_dir}: the cache needs a map-style dataset; "
-                          "it cannot be used with streaming=true")
+                          "it cannot be used with streaming=true (use teacher_sidecar_dir for a stream of shards)")
+    sidecars, views = getattr(data_args, "teacher_sidecar_dir", None), getattr(data_args, "teacher_views", 0)
+    if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+        raise ConfigError(f"teacher_views={views}: must be an integer >= 0")
+    if views and not sidecars:
+        raise ConfigError(f"teacher_views={views}: augmented views are stored in teacher sidecars; set "
+                          "teacher_sidecar_dir")
+    if sidecars and (name != "conceptual_captions" or not data_args.data_dir or not data_args.streaming):
+        raise ConfigError(f"teacher_sidecar_dir={sidecars}: sidecars sit beside webdataset shards; use "
+                          "dataset_name=conceptual_captions with data_dir=<shards> and streaming=true")
+    if sidecars and getattr(data_args, "teacher_cache_dir", None):
+        raise ConfigError(f"teacher_sidecar_dir={sidecars}: choose one of teacher_cache_dir and teacher_sidecar_dir")
 
 
 def check_columns(dataset, data_args, columns: tuple[str, ...] | None = None) -> None:
