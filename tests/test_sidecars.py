@@ -183,22 +183,6 @@ def test_augmented_views_give_the_student_exactly_the_teachers_pixels(shards, te
     torch.testing.assert_close(batch[IMAGE_COLUMN], torch.tensor([r[IMAGE_COLUMN] for r in rows[:4]]))
 
 
-def test_ranks_build_disjoint_shards_that_together_complete_the_set(shards, teacher, tmp_path):
-    class Rank:
-        def __init__(self, index):
-            self.process_index, self.num_processes, self.device = index, 2, torch.device("cpu")
-
-        def wait_for_everyone(self):
-            pass
-
-    out = tmp_path / "sidecars"
-    zero = build_sidecars(shards, teacher, out, accelerator=Rank(0))
-    assert zero["built"] == 2 and sorted(p.name[:5] for p in out.iterdir()) == ["00000", "00002"]
-    one = build_sidecars(shards, teacher, out, accelerator=Rank(1))
-    assert one["built"] == 1 and len(list(out.iterdir())) == 3
-    assert len(list(stream_with_sidecars(shards, teacher, out))) == 12
-
-
 def test_the_trainer_trains_from_the_sidecar_stream_without_a_teacher(shards, teacher, tmp_path):
     from mmkd.data import CLIPDistillationCollator
     from mmkd.students import build_student
@@ -239,3 +223,38 @@ def test_the_recipe_builds_sidecars_and_trains_from_them(shards, tmp_path, capsy
                            "--teacher_views", "2"])
     assert summary["teacher_embeddings"] == "sidecars" and summary["global_step"] == 2
     assert len(list((tmp_path / "sc").glob("*.teacher.safetensors"))) == 3
+
+
+def _build_on_rank(rank, port, shards, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    class Rank:  # what build_sidecars reads of an accelerate PartialState
+        process_index, num_processes, device = rank, 2, torch.device("cpu")
+
+        @staticmethod
+        def wait_for_everyone():
+            dist.barrier()
+
+    try:
+        counts = build_sidecars(shards, load(), out, accelerator=Rank())
+        (out.parent / f"rank{rank}.json").write_text(json.dumps(counts))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_real_processes_build_the_sidecars_in_parallel(shards, teacher, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "sidecars"
+    mp.spawn(_build_on_rank, args=(port, shards, out), nprocs=2, join=True)
+    counts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [c["built"] for c in counts] == [2, 1] and sum(c["samples"] for c in counts) == 12
+    assert sorted(p.name for p in out.iterdir()) == [f"{s:05d}.tar.teacher.safetensors" for s in range(3)]
+    assert len(list(stream_with_sidecars(shards, teacher, out))) == 12  # one process's teacher reads them all
