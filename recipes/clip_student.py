@@ -316,7 +316,7 @@ def train(data_args: DataArguments, args: CLIPDistillationConfig, resume: str | 
     classes = (teacher_class_targets(teacher.to(args.device), names, args.class_templates)
                if "teacher_classes" in args.needed_inputs() else None)
     if use_sidecars:
-        spec = ViewSpec(views=data_args.teacher_views, seed=args.seed)
+        spec = ViewSpec(views=data_args.teacher_views)  # a data artefact: not tied to the run's --seed
         with config_errors():  # a stale sidecar is one line naming its shard and what changed
             build_sidecars(data_args.data_dir, teacher.to(args.device), data_args.teacher_sidecar_dir, spec=spec,
                            batch_size=args.per_device_train_batch_size, accelerator=PartialState())

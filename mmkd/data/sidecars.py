@@ -106,7 +106,7 @@ def teacher_key(teacher: FrozenTeacher, inputs, spec: ViewSpec) -> dict[str, Any
         "teacher_weights_sha256": teacher.weights_hash(),
         "image_preprocessing": inputs.image_signature,
         "tokenizer": inputs.text_signature,
-        "views": asdict(spec),
+        "views": asdict(spec) if spec.views else {"views": 0},  # crop settings matter only with views
         "view_size": _input_size(inputs),
     }
     return json.loads(json.dumps(key))
