@@ -107,16 +107,24 @@ def _changed_file(stored: list[list], now: list[list] | None) -> str:
     return "the image files changed"
 
 
-def cache_key(teacher: FrozenTeacher, dataset, image_column: str, text_column: str, files=None) -> dict:
-    """Everything the cached embeddings depend on, as a JSON-able dict (``files``: :func:`image_files`)."""
-    inputs = teacher.inputs()
-    key = {
-        "format_version": FORMAT_VERSION,
+def teacher_identity(teacher: FrozenTeacher, inputs=None) -> dict:
+    """What embeddings depend on of the teacher: name, backend, weight hash, image preprocessing and tokenizer
+    signatures (shared by this cache and :mod:`mmkd.data.sidecars`); ``inputs``: ``teacher.inputs()`` if built."""
+    inputs = inputs or teacher.inputs()
+    return {
         "teacher": teacher.name,
         "teacher_backend": teacher.backend,
         "teacher_weights_sha256": teacher.weights_hash(),
         "image_preprocessing": inputs.image_signature,
         "tokenizer": inputs.text_signature,
+    }
+
+
+def cache_key(teacher: FrozenTeacher, dataset, image_column: str, text_column: str, files=None) -> dict:
+    """Everything the cached embeddings depend on, as a JSON-able dict (``files``: :func:`image_files`)."""
+    key = {
+        "format_version": FORMAT_VERSION,
+        **teacher_identity(teacher),
         "dataset_fingerprint": dataset._fingerprint,
         "num_rows": len(dataset),
         "image_column": image_column,

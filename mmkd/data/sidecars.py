@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmkd.data.cache import IMAGE_COLUMN, TEXT_COLUMN, StaleCacheError
+from mmkd.data.cache import IMAGE_COLUMN, TEXT_COLUMN, StaleCacheError, teacher_identity
 
 if TYPE_CHECKING:
     from mmkd.teachers import FrozenTeacher
@@ -101,11 +101,7 @@ def teacher_key(teacher: FrozenTeacher, inputs, spec: ViewSpec) -> dict[str, Any
     """What every sidecar of one build depends on (computed once: the weight hash reads every weight)."""
     key = {
         "format_version": FORMAT_VERSION,
-        "teacher": teacher.name,
-        "teacher_backend": teacher.backend,
-        "teacher_weights_sha256": teacher.weights_hash(),
-        "image_preprocessing": inputs.image_signature,
-        "tokenizer": inputs.text_signature,
+        **teacher_identity(teacher, inputs),
         "views": asdict(spec) if spec.views else {"views": 0},  # crop settings matter only with views
         "view_size": _input_size(inputs),
     }
