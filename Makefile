@@ -12,7 +12,7 @@ STAMP := $(VENV)/.mmkd-installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,bench,onnx]'
 	@# DeepSpeed (optional extra, for the ZeRO configs' tests) ships as a source package whose setup imports torch
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -c constraints.txt 'deepspeed>=0.19'
 	@# The demo and the slow tests read Fashion-MNIST (the real images available offline) from the Debian

@@ -427,6 +427,7 @@ def test_cli_help_lists_every_option(capsys):
         "--templates",
         "--output",
         "--no-progress",
+        "--backend",
     ):
         assert option in text
 

@@ -1,4 +1,5 @@
-"""``mmkd export STUDENT_DIR OUTPUT_DIR``: a CLIP student as an open_clip checkpoint (:mod:`mmkd.interop.to_open_clip`)."""
+"""``mmkd export [--format open_clip|onnx] STUDENT_DIR OUTPUT_DIR``: a CLIP student as an open_clip checkpoint
+(:mod:`mmkd.interop.to_open_clip`) or as ONNX encoders for onnxruntime (:mod:`mmkd.interop.to_onnx`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from mmkd.interop.to_open_clip import CONFIG_NAME, DEFAULT_MODEL_NAME, WEIGHTS_N
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Export a transformers CLIPModel folder (an mmkd student) as an open_clip checkpoint: "
-        f"{CONFIG_NAME}, <model-name>.json and {WEIGHTS_NAME}. Load it with "
-        "open_clip.create_model_and_transforms('local-dir:OUTPUT_DIR').",
+        description="Export a transformers CLIPModel folder (an mmkd student). --format open_clip (default): "
+        f"{CONFIG_NAME}, <model-name>.json and {WEIGHTS_NAME}, loaded with "
+        "open_clip.create_model_and_transforms('local-dir:OUTPUT_DIR'). --format onnx: image_encoder.onnx and "
+        "text_encoder.onnx (dynamic batch and length; checked against the CLIPModel in onnxruntime before "
+        "anything is written) with the tokenizer and image processor; --int8 adds onnxruntime's dynamic int8 copies.",
     )
+    p.add_argument("--format", choices=["open_clip", "onnx"], default="open_clip", help="what to write")
+    p.add_argument("--int8", action="store_true", help="onnx: also write dynamically int8-quantized encoders")
     p.add_argument("student_dir", metavar="STUDENT_DIR", help="folder written by CLIPModel.save_pretrained")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder to write the open_clip files to")
     p.add_argument(
@@ -28,6 +33,24 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, prog: str) -> int:
     """Export and print the written paths; bad input is one line (raised before anything is written)."""
+    if args.format == "onnx":
+        from mmkd.cli import CommandError
+        from mmkd.interop.to_onnx import MissingONNXError, export_onnx
+
+        if args.no_verify or args.model_name != DEFAULT_MODEL_NAME:
+            raise ValueError("--no-verify and --model-name apply to --format open_clip only (the ONNX export is "
+                             "always checked)")
+        try:
+            result = export_onnx(args.student_dir, args.output_dir, int8=args.int8)
+        except MissingONNXError as err:
+            raise CommandError(str(err)) from None
+        for what, path in result["paths"].items():
+            print(f"{what}: {path}")
+        worst = max(result["max_abs_diff"].values())
+        print(f"onnxruntime embeddings equal the CLIPModel's (max abs difference {worst:.2g})")
+        return 0
+    if args.int8:
+        raise ValueError("--int8 applies to --format onnx only")
     paths = export_open_clip(args.student_dir, args.output_dir, args.model_name, verify=not args.no_verify)
     for what, path in paths.items():
         print(f"{what}: {path}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.cli import CommandError, one_line
-from mmkd.eval.encoders import load_encoder
+from mmkd.eval.encoders import ENCODER_BACKENDS, load_encoder
 from mmkd.eval.zeroshot import _check_templates, _prepare, _run, _state
 
 
@@ -58,6 +58,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "--output", default=None, metavar="results.json", help="write the results as JSON to this file"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--backend", choices=ENCODER_BACKENDS, default="auto",
+                   help="how MODEL is loaded: auto, open_clip, transformers, or onnxruntime / onnxruntime-int8 for a "
+                   "folder written by `mmkd export --format onnx` (default: auto)")
     return p
 
 
@@ -136,7 +139,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
 
     state = _state(None)
     try:
-        encoder = load_encoder(args.model, pretrained=args.pretrained, device=state.device)
+        encoder = load_encoder(args.model, pretrained=args.pretrained, backend=args.backend, device=state.device)
     except Exception as exc:  # same for the model spec
         raise CommandError(f"cannot load model {args.model!r}: {one_line(exc)}") from None
 

@@ -6,20 +6,24 @@
   open_clip config;
 * an mmkd :class:`~mmkd.teachers.CLIPTeacher`;
 * a live ``transformers.CLIPModel`` plus its processor (a student being trained: it is evaluated under
-  ``no_grad`` in eval mode and put back in the mode it was in; its parameters are left alone).
+  ``no_grad`` in eval mode and put back in the mode it was in; its parameters are left alone);
+* with ``backend="onnxruntime"`` (or ``"onnxruntime-int8"``), the folder ``mmkd export --format onnx`` wrote:
+  its encoders run by onnxruntime (:class:`ONNXEncoder`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmkd.data.preprocessing import Preprocessing, processor_preprocessing
-from mmkd.teachers import CLIPTeacher, load_teacher
+from mmkd.teachers import BACKEND_CHOICES, CLIPTeacher, load_teacher
 
 
 class CLIPEncoder:
@@ -99,6 +103,56 @@ def _from_clip_model(model: nn.Module, processor, name: str) -> CLIPEncoder:
     return CLIPEncoder(model, inputs, name, image_fn, text_fn)
 
 
+class ONNXEncoder(CLIPEncoder):
+    """The encoders ``mmkd export --format onnx`` writes (:mod:`mmkd.interop.to_onnx`), run by onnxruntime's CPU
+    execution provider; the same interface and normalisation as every other :class:`CLIPEncoder`."""
+
+    def __init__(self, folder: str | Path, int8: bool = False):
+        import onnxruntime as ort
+        from transformers import CLIPProcessor
+
+        from mmkd.interop.to_onnx import IMAGE_FILE, INT8_SUFFIX, METADATA_FILE, TEXT_FILE
+
+        folder = Path(folder)
+        files = [folder / (f.replace(".onnx", INT8_SUFFIX) if int8 else f) for f in (IMAGE_FILE, TEXT_FILE)]
+        missing = [str(f) for f in (*files, folder / METADATA_FILE) if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} is not an ONNX export of mmkd (missing {', '.join(missing)}); write "
+                                    "one with `mmkd export --format onnx" + (" --int8" if int8 else "") + "`")
+        meta = json.loads((folder / METADATA_FILE).read_text())
+        image, text = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in files)
+
+        def image_fn(px):
+            return torch.from_numpy(image.run(None, {"pixel_values": px.numpy()})[0])
+
+        def text_fn(tok):
+            ids = tok["input_ids"]
+            mask = tok.get("attention_mask", torch.ones_like(ids))
+            return torch.from_numpy(text.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+
+        inputs = processor_preprocessing(CLIPProcessor.from_pretrained(folder), int(meta["context_length"]))
+        super().__init__(None, inputs, str(folder) + (" (onnxruntime int8)" if int8 else " (onnxruntime)"),
+                         image_fn, text_fn)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def to(self, device) -> ONNXEncoder:
+        return self  # onnxruntime's CPU execution provider: the inputs are moved to the CPU by encode_*
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        yield
+
+
+ENCODER_BACKENDS = (*BACKEND_CHOICES, "onnxruntime", "onnxruntime-int8")
+
+
 def load_encoder(
     model,
     *,
@@ -107,7 +161,16 @@ def load_encoder(
     backend: str = "auto",
     device: str | torch.device | None = None,
 ) -> CLIPEncoder:
-    """Wrap ``model`` (see the module docstring) as a :class:`CLIPEncoder`, optionally moved to ``device``."""
+    """Wrap ``model`` (see the module docstring) as a :class:`CLIPEncoder`, optionally moved to ``device``.
+    ``backend``: ``auto`` / ``open_clip`` / ``transformers`` (how a string is loaded, :func:`load_teacher`), or
+    ``onnxruntime`` / ``onnxruntime-int8``: ``model`` is a folder written by ``mmkd export --format onnx``."""
+    if backend not in ENCODER_BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
+    if backend.startswith("onnxruntime"):
+        if not isinstance(model, (str, Path)):
+            raise TypeError(f"backend={backend!r} takes the folder `mmkd export --format onnx` wrote, not a "
+                            f"{type(model).__name__}")
+        return ONNXEncoder(model, int8=backend.endswith("int8"))
     if isinstance(model, CLIPEncoder):
         enc = model
     elif isinstance(model, CLIPTeacher):
@@ -128,4 +191,4 @@ def load_encoder(
     return enc
 
 
-__all__ = ["CLIPEncoder", "load_encoder"]
+__all__ = ["ENCODER_BACKENDS", "CLIPEncoder", "ONNXEncoder", "load_encoder"]

@@ -389,6 +389,7 @@ def evaluate_zeroshot(
     accelerator=None,
     progress: bool = True,
     return_predictions: bool = False,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Zero-shot classification accuracy of ``model`` on ``dataset`` (CLIP_benchmark's protocol).
 
@@ -418,6 +419,9 @@ def evaluate_zeroshot(
             process builds the (small) text classifier itself unless ``classifier`` is given.
         progress: show a progress bar (on the main process only).
         return_predictions: add ``"predictions"``, the top-1 class index of every image in dataset order.
+        backend: how a string ``model`` is loaded (:func:`~mmkd.eval.encoders.load_encoder`): ``auto``,
+            ``open_clip``, ``transformers``, or ``onnxruntime`` / ``onnxruntime-int8`` for a folder written by
+            ``mmkd export --format onnx`` (the same protocol, the encoders run by onnxruntime).
 
     Returns:
         ``{"dataset", "model", "acc1", "acc5" (only with >= 5 classes), "mean_per_class_recall",
@@ -442,6 +446,7 @@ def evaluate_zeroshot(
         str(model) if isinstance(model, Path) else model,
         pretrained=pretrained,
         processor=processor,
+        backend=backend,
         device=device,
     )
     return _run(

@@ -1,0 +1,207 @@
+"""Export a transformers ``CLIPModel`` (an mmkd student) as two ONNX encoders that onnxruntime runs without mmkd.
+
+:func:`export_onnx` writes into ``output_dir``:
+
+* ``image_encoder.onnx`` -- ``pixel_values (batch, 3, H, W) float32 -> image_embeds (batch, E)``;
+* ``text_encoder.onnx`` -- ``input_ids, attention_mask (batch, length) int64 -> text_embeds (batch, E)``, any
+  length up to the model's positions;
+* with ``int8=True``, ``image_encoder.int8.onnx`` / ``text_encoder.int8.onnx``: onnxruntime's dynamic int8
+  quantization of the same graphs (``onnxruntime.quantization.quantize_dynamic``, int8 weights of the MatMul and
+  Gemm nodes; activations quantized at run time);
+* ``mmkd_onnx.json``: the text context length, embedding size, exporter versions and the measured differences;
+* the model's tokenizer and image processor files (``save_pretrained``), so the folder is all a user needs::
+
+      session = onnxruntime.InferenceSession("OUT/image_encoder.onnx")
+      pixels = CLIPImageProcessor.from_pretrained("OUT")(images, return_tensors="np")["pixel_values"]
+      image_embeds = session.run(None, {"pixel_values": pixels})[0]
+
+The embeddings are the raw projected features of ``CLIPModel.get_image_features`` / ``get_text_features`` (not
+normalised), batch and length dynamic. The exporter is ``torch.onnx.export(..., dynamo=True)``: torch's maintained
+exporter (``torch.export`` + onnxscript; the TorchScript-based one is deprecated), which handles transformers'
+SDPA attention and the dynamic text length directly; optimum's exporter wraps the same torch call for CLIP and
+adds a dependency, so it is not used.
+
+The export is checked before anything is written to ``output_dir``: onnxruntime's embeddings of real photos
+(scikit-learn's sample images) and captions of different lengths, at batch 1 and 3, must equal the
+``CLIPModel``'s to ``1e-4`` (relative to the embedding scale), or ``RuntimeError`` names the tower and the difference.
+Files are written in a temporary folder beside ``output_dir`` and moved in only when all checks pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FILE = "image_encoder.onnx"
+METADATA_FILE = "mmkd_onnx.json"  # context length, embedding size, exporter versions
+TEXT_FILE = "text_encoder.onnx"
+INT8_SUFFIX = ".int8.onnx"
+TOLERANCE = 1e-4
+CHECK_CAPTIONS = ["a photo of a temple", "a flower", "a close-up photo of a pink flower in a garden on a sunny day"]
+
+
+class _ImageEncoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
+class MissingONNXError(RuntimeError):
+    """onnx, onnxruntime or onnxscript is not installed (the ``onnx`` extra)."""
+
+
+def _require_onnx() -> None:
+    missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if _missing(name)]
+    if missing:
+        raise MissingONNXError(f"ONNX export needs {', '.join(missing)}: pip install 'mmkd[onnx]'")
+
+
+def _missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
+
+
+def check_images() -> list:
+    """The real photos the export is checked on (scikit-learn's two sample images, and a crop of one)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    return [*photos, photos[0].crop((100, 50, 400, 300))]
+
+
+def _sample_inputs(processor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    pixels = processor.image_processor(check_images(), return_tensors="np")["pixel_values"]
+    text = processor.tokenizer(CHECK_CAPTIONS, padding=True, return_tensors="np")
+    return {"pixel_values": pixels.astype(np.float32)}, {k: text[k].astype(np.int64)
+                                                         for k in ("input_ids", "attention_mask")}
+
+
+def _compare(what: str, onnx_out: np.ndarray, torch_out: np.ndarray) -> float:
+    scale = max(1.0, float(np.abs(torch_out).max()))
+    diff = float(np.abs(onnx_out - torch_out).max())
+    if not diff <= TOLERANCE * scale:
+        raise RuntimeError(f"onnxruntime's {what} embeddings differ from the CLIPModel's by {diff:.3g} "
+                           f"(> {TOLERANCE:g} x {scale:.3g}): not exporting")
+    return diff
+
+
+def _verify(folder: Path, model, image_inputs, text_inputs) -> dict[str, float]:
+    """Run both exported graphs in onnxruntime at batch 1 and the full batch and compare with ``model``."""
+    import onnxruntime as ort
+
+    sessions = {name: ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+                for name in (IMAGE_FILE, TEXT_FILE)}
+    diffs = {}
+    with torch.no_grad():
+        expected_image = _ImageEncoder(model)(torch.from_numpy(image_inputs["pixel_values"])).numpy()
+        expected_text = _TextEncoder(model)(*(torch.from_numpy(text_inputs[k])
+                                             for k in ("input_ids", "attention_mask"))).numpy()
+    for rows in (slice(0, 1), slice(None)):
+        got = sessions[IMAGE_FILE].run(None, {k: v[rows] for k, v in image_inputs.items()})[0]
+        diffs[f"image[{rows.stop or 'all'}]"] = _compare("image", got, expected_image[rows])
+        ids = {k: v[rows] for k, v in text_inputs.items()}
+        if rows.stop == 1:  # one caption at its own length: the dynamic length axis
+            n = int(ids["attention_mask"].sum())
+            ids = {k: v[:, :n] for k, v in ids.items()}
+        got = sessions[TEXT_FILE].run(None, ids)[0]
+        diffs[f"text[{rows.stop or 'all'}]"] = _compare("text", got, expected_text[rows])
+    return diffs
+
+
+def _export(module: nn.Module, args: tuple, names: list[str], dynamic: dict, output: str, path: Path) -> None:
+    program = torch.onnx.export(module, args, dynamic_shapes=dynamic, input_names=names, output_names=[output],
+                                dynamo=True, verbose=False)
+    program.save(str(path))
+
+
+def export_onnx(
+    model_or_dir,
+    output_dir: str | os.PathLike,
+    *,
+    processor: Any | None = None,
+    int8: bool = False,
+) -> dict[str, Any]:
+    """Write the image and text encoders of a ``CLIPModel`` as ONNX (and int8 copies); returns the written paths
+    and the measured differences against the ``CLIPModel``. See the module docstring."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from mmkd.interop.to_open_clip import _check_student_dir
+
+    _require_onnx()
+    if isinstance(model_or_dir, CLIPModel):
+        model = model_or_dir
+        if processor is None:
+            raise ValueError("export_onnx(model=CLIPModel, ...): pass processor= (a CLIPProcessor) as well")
+    else:
+        path = Path(model_or_dir)
+        _check_student_dir(path)
+        model = CLIPModel.from_pretrained(path)
+        processor = processor or CLIPProcessor.from_pretrained(path)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output_dir {str(out)!r} is a file")
+    was_training = model.training
+    model = model.float().eval()
+    image_inputs, text_inputs = _sample_inputs(processor)
+    batch = torch.export.Dim("batch", min=1)
+    length = torch.export.Dim("length", min=2, max=model.config.text_config.max_position_embeddings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.onnx-", dir=out.parent))
+    try:
+        ids = {k: torch.from_numpy(v) for k, v in text_inputs.items()}
+        _export(_ImageEncoder(model), (torch.from_numpy(image_inputs["pixel_values"]),), ["pixel_values"],
+                {"pixel_values": {0: batch}}, "image_embeds", staging / IMAGE_FILE)
+        _export(_TextEncoder(model), (ids["input_ids"], ids["attention_mask"]), ["input_ids", "attention_mask"],
+                {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}, "text_embeds",
+                staging / TEXT_FILE)
+        diffs = _verify(staging, model, image_inputs, text_inputs)
+        written = {"image": out / IMAGE_FILE, "text": out / TEXT_FILE}
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            for name in (IMAGE_FILE, TEXT_FILE):
+                target = staging / name.replace(".onnx", INT8_SUFFIX)
+                quantize_dynamic(str(staging / name), str(target), weight_type=QuantType.QInt8)
+                written[f"{name.split('_')[0]}_int8"] = out / target.name
+        processor.save_pretrained(staging)
+        import onnx
+
+        (staging / METADATA_FILE).write_text(json.dumps({
+            "context_length": int(model.config.text_config.max_position_embeddings),
+            "projection_dim": int(model.config.projection_dim),
+            "image_size": int(model.config.vision_config.image_size),
+            "int8": int8, "exporter": "torch.onnx.export(dynamo=True)", "torch": torch.__version__,
+            "onnx": onnx.__version__, "max_abs_diff": diffs}, indent=2))
+        out.mkdir(exist_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        model.train(was_training)
+    logger.info("ONNX encoders written to %s (max difference to the CLIPModel: %s)", out, diffs)
+    return {"paths": written, "max_abs_diff": diffs}
