@@ -3,7 +3,9 @@
 Both evaluate the same open_clip model (ViT-B-32 by default; random weights cost the same compute as trained ones)
 on the same images, with the same batch size, precision, data-loader workers and machine, and with CIFAR-10's class
 names and CLIP_benchmark's 18 CIFAR templates. The script times the text-classifier build and the image pass
-separately, reports images/s, and checks that both give the same predictions, acc@1 and acc@5.
+separately, reports images/s, and checks that both give the same predictions, acc@1 and acc@5. Two more rows run
+mmkd's evaluator on the same model exported with ``mmkd export --format onnx`` (fp32 and int8) through onnxruntime,
+preprocessing with the exported transformers image processor (the teacher's exact twin).
 
     python benchmarks/zeroshot_speed.py                       # ViT-B-32, 512 images, batch 64, fp32
     python benchmarks/zeroshot_speed.py --images 512 --batch-size 64 --precision bf16       # autocast
@@ -60,6 +62,7 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast on both sides")
     p.add_argument("--repeats", type=int, default=1, help="timed repeats of each side (median reported)")
     p.add_argument("--output", default=None, help="write the figures as JSON")
+    p.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows (they need the onnx extra)")
     args = p.parse_args()
 
     import open_clip
@@ -125,6 +128,34 @@ def main() -> None:
     mm_top1 = torch.as_tensor(mm["predictions"])
     same_preds = int((mm_top1 == cb_pred[:, 0]).sum())
 
+    # -- mmkd through onnxruntime (the model exported with mmkd export --format onnx; fp32, then int8) -----------
+    onnx = {}
+    if not args.no_onnx:
+        import tempfile
+
+        from mmkd.eval.encoders import load_encoder
+        from mmkd.interop.to_onnx import export_onnx
+
+        folder = Path(tempfile.mkdtemp(prefix="mmkd-zs-onnx-")) / "onnx"
+        export_onnx(teacher.to_transformers(), folder, processor=teacher.transformers_processor(), int8=True)
+        for backend in ("onnxruntime", "onnxruntime-int8"):
+            encoder = load_encoder(str(folder), backend=backend)
+            clf, seconds_build = timed(lambda encoder=encoder: zero_shot_classifier(encoder, classnames, templates,
+                                                                                   batch_size=256))
+            result, seconds = timed(lambda encoder=encoder, clf=clf: evaluate_zeroshot(
+                encoder, ListDataset(images, labels, classnames), classifier=clf, batch_size=args.batch_size,
+                num_workers=args.num_workers, progress=False, return_predictions=True))
+            top1 = torch.as_tensor(result["predictions"])
+            onnx[backend] = {
+                "classifier_build_s": round(seconds_build, 3),
+                "image_pass_s": round(seconds, 3),
+                "images_per_s": round(args.images / seconds, 2),
+                "x_clip_benchmark": round(cb_images / seconds, 3),
+                "acc1": result["acc1"],
+                "acc5": result["acc5"],
+                "same_top1_as_clip_benchmark": f"{int((top1 == cb_pred[:, 0]).sum())}/{args.images}",
+            }
+
     figures = {
         "model": args.model,
         "precision": args.precision,
@@ -147,6 +178,7 @@ def main() -> None:
             "acc5": mm["acc5"],
         },
         "same_top1_predictions": f"{same_preds}/{args.images}",
+        **onnx,
         "max_classifier_abs_diff": float((mm_clf.float() - cb_clf.float()).abs().max()),
     }
     print(json.dumps(figures, indent=2))
