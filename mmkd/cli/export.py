@@ -18,7 +18,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         "text_encoder.onnx (dynamic batch and length; checked against the CLIPModel in onnxruntime before "
         "anything is written) with the tokenizer and image processor; --int8 adds onnxruntime's dynamic int8 copies.",
     )
-    p.add_argument("--format", choices=["open_clip", "onnx"], default="open_clip", help="what to write")
+    p.add_argument("--format", choices=["open_clip", "onnx", "sentence-transformers"], default="open_clip",
+                   help="what to write (sentence-transformers: a folder SentenceTransformer(path) loads, encoding "
+                   "images and strings)")
     p.add_argument("--int8", action="store_true", help="onnx: also write dynamically int8-quantized encoders")
     p.add_argument("student_dir", metavar="STUDENT_DIR", help="folder written by CLIPModel.save_pretrained")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder to write the open_clip files to")
@@ -51,6 +53,17 @@ def run(args: argparse.Namespace, prog: str) -> int:
         return 0
     if args.int8:
         raise ValueError("--int8 applies to --format onnx only")
+    if args.format == "sentence-transformers":
+        from mmkd.interop.to_sentence_transformers import export_sentence_transformers
+
+        if args.no_verify or args.model_name != DEFAULT_MODEL_NAME:
+            raise ValueError("--no-verify and --model-name apply to --format open_clip only (the "
+                             "sentence-transformers export is always checked)")
+        result = export_sentence_transformers(args.student_dir, args.output_dir)
+        print(f"sentence-transformers model written to {args.output_dir} ({len(result['files'])} files; max abs "
+              f"difference to the CLIPModel {result['max_abs_diff']:.2g})")
+        print(f"load it with: SentenceTransformer('{args.output_dir}')")
+        return 0
     paths = export_open_clip(args.student_dir, args.output_dir, args.model_name, verify=not args.no_verify)
     for what, path in paths.items():
         print(f"{what}: {path}")
