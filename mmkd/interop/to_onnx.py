@@ -165,8 +165,8 @@ def export_onnx(
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output_dir {str(out)!r} is a file")
-    was_training = model.training
-    model = model.float().eval()
+    was_training, dtype = model.training, next(model.parameters()).dtype
+    model = model.float().eval()  # exported in float32; a live model gets its dtype and mode back below
     image_inputs, text_inputs = _sample_inputs(processor)
     batch = torch.export.Dim("batch", min=1)
     length = torch.export.Dim("length", min=2, max=model.config.text_config.max_position_embeddings)
@@ -202,6 +202,6 @@ def export_onnx(
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        model.train(was_training)
+        model.to(dtype).train(was_training)
     logger.info("ONNX encoders written to %s (max difference to the CLIPModel: %s)", out, diffs)
     return {"paths": written, "max_abs_diff": diffs}
