@@ -1,5 +1,6 @@
-"""``mmkd export [--format open_clip|onnx] STUDENT_DIR OUTPUT_DIR``: a CLIP student as an open_clip checkpoint
-(:mod:`mmkd.interop.to_open_clip`) or as ONNX encoders for onnxruntime (:mod:`mmkd.interop.to_onnx`)."""
+"""``mmkd export [--format open_clip|onnx|sentence-transformers] STUDENT_DIR OUTPUT_DIR``: a CLIP student as an
+open_clip checkpoint (:mod:`mmkd.interop.to_open_clip`), as ONNX encoders for onnxruntime
+(:mod:`mmkd.interop.to_onnx`) or as a sentence-transformers model (:mod:`mmkd.interop.to_sentence_transformers`)."""
 
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, prog: str) -> int:
     """Export and print the written paths; bad input is one line (raised before anything is written)."""
+    if args.format != "open_clip" and (args.no_verify or args.model_name != DEFAULT_MODEL_NAME):
+        raise ValueError(f"--no-verify and --model-name apply to --format open_clip only (the {args.format} export "
+                         "is always checked)")
+    if args.int8 and args.format != "onnx":
+        raise ValueError("--int8 applies to --format onnx only")
     if args.format == "onnx":
         from mmkd.cli import CommandError
         from mmkd.interop.to_onnx import MissingONNXError, export_onnx
 
-        if args.no_verify or args.model_name != DEFAULT_MODEL_NAME:
-            raise ValueError("--no-verify and --model-name apply to --format open_clip only (the ONNX export is "
-                             "always checked)")
         try:
             result = export_onnx(args.student_dir, args.output_dir, int8=args.int8)
         except MissingONNXError as err:
@@ -51,14 +54,9 @@ def run(args: argparse.Namespace, prog: str) -> int:
         worst = max(result["max_abs_diff"].values())
         print(f"onnxruntime embeddings equal the CLIPModel's (max abs difference {worst:.2g})")
         return 0
-    if args.int8:
-        raise ValueError("--int8 applies to --format onnx only")
     if args.format == "sentence-transformers":
         from mmkd.interop.to_sentence_transformers import export_sentence_transformers
 
-        if args.no_verify or args.model_name != DEFAULT_MODEL_NAME:
-            raise ValueError("--no-verify and --model-name apply to --format open_clip only (the "
-                             "sentence-transformers export is always checked)")
         result = export_sentence_transformers(args.student_dir, args.output_dir)
         print(f"sentence-transformers model written to {args.output_dir} ({len(result['files'])} files; max abs "
               f"difference to the CLIPModel {result['max_abs_diff']:.2g})")

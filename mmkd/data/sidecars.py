@@ -123,9 +123,10 @@ def _read_key(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def check_sidecar(path: Path, key: dict[str, Any], shard: str) -> None:
-    """Raise :class:`StaleCacheError` naming the shard and each field where the sidecar differs from ``key``."""
-    stored = _read_key(path)
+def check_sidecar(path: Path, key: dict[str, Any], shard: str, stored: dict[str, Any] | None = None) -> None:
+    """Raise :class:`StaleCacheError` naming the shard and each field where the sidecar differs from ``key``
+    (``stored``: its key, if already read)."""
+    stored = stored if stored is not None else _read_key(path)
     if stored is None:
         raise StaleCacheError(f"{path}: no readable teacher sidecar for shard {shard} (build it with "
                               "mmkd.data.sidecars.build_sidecars)")
@@ -271,8 +272,9 @@ def build_sidecars(
             continue
         path = sidecar_path(shard, sidecar_dir)
         key = sidecar_key(base, shard)
-        if path.exists() and _read_key(path) is not None:
-            check_sidecar(path, key, shard)  # current: reuse it; stale: refuse, naming what differs
+        stored = _read_key(path) if path.exists() else None
+        if stored is not None:
+            check_sidecar(path, key, shard, stored)  # current: reuse it; stale: refuse, naming what differs
             counts["reused"] += 1
             continue
         counts["samples"] += _build_one(shard, path, key, teacher, inputs, spec, size, batch_size, device, strict,

@@ -31,13 +31,16 @@ RECORDS = ("training_summary.json", "training_config.json", "eval_results.json",
 
 
 def _reference(student_dir: Path, images, captions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's raw projected embeddings, through the same wrappers the ONNX export traces."""
     from transformers import CLIPModel, CLIPProcessor
 
+    from mmkd.interop.to_onnx import _ImageEncoder, _TextEncoder
+
     model, processor = CLIPModel.from_pretrained(student_dir).eval(), CLIPProcessor.from_pretrained(student_dir)
+    tokens = processor.tokenizer(captions, padding=True, return_tensors="pt")
     with torch.no_grad():
-        image = model.get_image_features(**processor(images=images, return_tensors="pt")).pooler_output
-        tokens = processor.tokenizer(captions, padding=True, return_tensors="pt")
-        text = model.get_text_features(**tokens).pooler_output
+        image = _ImageEncoder(model)(processor(images=images, return_tensors="pt")["pixel_values"])
+        text = _TextEncoder(model)(tokens["input_ids"], tokens["attention_mask"])
     return image, text
 
 
