@@ -325,3 +325,49 @@ def test_library_checks_before_loading(pair, tmp_path, no_model_loading):
         compression_report(str(pair["teacher"]), pair["student"], "imagenet-typo")
     with pytest.raises(ValueError, match="batch_size"):
         compression_report(str(pair["teacher"]), pair["student"], batch_size=0)
+
+
+# ------------------------------------------------------------------------------------------------ onnx rows
+
+
+def test_onnx_rows_are_the_exports_in_onnxruntime(pair, image_folder, tmp_path):
+    """--onnx adds, per model, its ONNX export and that export's int8 copy: measured on the files export_onnx writes,
+    evaluated through evaluate_zeroshot's onnxruntime backends (the same numbers as a separate export gives)."""
+    from mmkd.interop.to_onnx import export_onnx
+
+    argv = ["--teacher", str(pair["teacher"]), "--student", str(pair["student"]), "--dataset", str(image_folder),
+            "--batch-size", "2", "--repeats", "1", "--onnx", "--no-progress", "--json", str(tmp_path / "r.json"),
+            "--markdown", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["model"]: r for r in report["rows"]}
+    assert list(rows) == ["teacher", "teacher int8", "teacher onnx", "teacher onnx int8",
+                          "student", "student int8", "student onnx", "student onnx int8"]
+    assert [cells[0] for cells in _table_rows((tmp_path / "r.md").read_text())] == list(rows)
+    assert "onnx: torch.onnx.export(dynamo=True)" in (tmp_path / "r.md").read_text()
+    for which in ("teacher", "student"):
+        export = export_onnx(str(pair[which]), tmp_path / which, int8=True)["paths"]
+        fp32, int8 = rows[f"{which} onnx"], rows[f"{which} onnx int8"]
+        assert fp32["technique"] == "onnx" and int8["technique"] == "onnx int8"
+        assert fp32["source"] == int8["source"] == which
+        assert fp32["parameters"] == int8["parameters"] == rows[which]["parameters"]
+        assert fp32["layers"] == rows[which]["layers"] and fp32["size_format"].startswith("ONNX")
+        assert fp32["size_bytes"] == sum(export[k].stat().st_size for k in ("image", "text"))
+        assert int8["size_bytes"] == sum(export[k].stat().st_size for k in ("image_int8", "text_int8"))
+        assert int8["size_bytes"] < fp32["size_bytes"]
+        assert fp32["image_per_s"] > 0 and int8["text_per_s"] > 0 and fp32["sparse_size_mb"] is None
+        for row, backend in ((fp32, "onnxruntime"), (int8, "onnxruntime-int8")):
+            direct = evaluate_zeroshot(str(tmp_path / which), str(image_folder), backend=backend, progress=False)
+            assert (row["acc1"], row["acc5"]) == (direct["acc1"], direct["acc5"]), row["model"]
+        assert fp32["acc1"] == rows[which]["acc1"]  # fp32 onnxruntime = the CLIPModel to ~1e-6
+    assert (tmp_path / "r.png").is_file()
+
+
+def test_onnx_rows_without_onnxruntime_is_one_line(pair, capsys, monkeypatch, no_model_loading):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert main(["--teacher", str(pair["teacher"]), "--student", str(pair["student"]), "--onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "mmkd report: error: ONNX export needs onnxruntime: pip install 'mmkd[onnx]'"

@@ -45,6 +45,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    "context length)")
     p.add_argument("--eval-batch-size", type=int, default=256, help="batch size of the accuracy pass")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
+    p.add_argument("--onnx", action="store_true", help="add onnxruntime rows (the ONNX export of each model, "
+                   "and its int8 copy unless --no-int8); needs pip install 'mmkd[onnx]'")
     p.add_argument("--plot", default=None, metavar="report.png", help="write the accuracy-vs-size plot here")
     p.add_argument("--json", default=None, metavar="report.json", help="write the report dict as JSON here")
     p.add_argument("--markdown", default=None, metavar="report.md", help="write the Markdown table here")
@@ -79,6 +81,13 @@ def run(args: argparse.Namespace, prog: str) -> int:
         if not args.no_progress:
             print(f"[{prog}] {msg}", file=sys.stderr, flush=True)
 
+    if args.onnx:
+        from mmkd.interop.to_onnx import MissingONNXError, require_onnx
+
+        try:
+            require_onnx()
+        except MissingONNXError as err:
+            raise CommandError(str(err)) from None
     report = compression_report(
         args.teacher,
         args.student if len(args.student) > 1 else args.student[0],
@@ -92,6 +101,7 @@ def run(args: argparse.Namespace, prog: str) -> int:
         text_length=args.text_length,
         eval_batch_size=args.eval_batch_size,
         quantize=not args.no_int8,
+        onnx=args.onnx,
         prune=prune,
         progress=not args.no_progress,
         log=log,

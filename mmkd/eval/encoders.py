@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,31 +107,18 @@ class ONNXEncoder(CLIPEncoder):
     execution provider; the same interface and normalisation as every other :class:`CLIPEncoder`."""
 
     def __init__(self, folder: str | Path, int8: bool = False):
-        import onnxruntime as ort
         from transformers import CLIPProcessor
 
-        from mmkd.interop.to_onnx import IMAGE_FILE, INT8_SUFFIX, METADATA_FILE, TEXT_FILE
+        from mmkd.interop.to_onnx import ONNXCLIP
 
-        folder = Path(folder)
-        files = [folder / (f.replace(".onnx", INT8_SUFFIX) if int8 else f) for f in (IMAGE_FILE, TEXT_FILE)]
-        missing = [str(f) for f in (*files, folder / METADATA_FILE) if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder} is not an ONNX export of mmkd (missing {', '.join(missing)}); write "
-                                    "one with `mmkd export --format onnx" + (" --int8" if int8 else "") + "`")
-        meta = json.loads((folder / METADATA_FILE).read_text())
-        image, text = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in files)
-
-        def image_fn(px):
-            return torch.from_numpy(image.run(None, {"pixel_values": px.numpy()})[0])
+        onnx = self.onnx = ONNXCLIP(folder, int8=int8)
 
         def text_fn(tok):
-            ids = tok["input_ids"]
-            mask = tok.get("attention_mask", torch.ones_like(ids))
-            return torch.from_numpy(text.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+            return onnx.get_text_features(tok["input_ids"], tok.get("attention_mask"))
 
-        inputs = processor_preprocessing(CLIPProcessor.from_pretrained(folder), int(meta["context_length"]))
+        inputs = processor_preprocessing(CLIPProcessor.from_pretrained(folder), int(onnx.metadata["context_length"]))
         super().__init__(None, inputs, str(folder) + (" (onnxruntime int8)" if int8 else " (onnxruntime)"),
-                         image_fn, text_fn)
+                         onnx.get_image_features, text_fn)
 
     @property
     def device(self) -> torch.device:

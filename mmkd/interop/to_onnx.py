@@ -69,11 +69,51 @@ class _TextEncoder(nn.Module):
         return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
+class ONNXCLIP(nn.Module):
+    """An export's two encoders in onnxruntime sessions (CPU execution provider), with ``CLIPModel``'s encoder
+    methods, so code written for a ``CLIPModel`` (the compression report's timing, :class:`mmkd.eval.encoders.
+    ONNXEncoder`) runs the export unchanged: :meth:`get_image_features` / :meth:`get_text_features` take and return
+    tensors (the raw projected embeddings; the ``CLIPModel`` returns them as ``.pooler_output``).
+
+    ``int8`` selects the ``*.int8.onnx`` copies; ``config`` (the source model's ``CLIPConfig``, optional) is kept
+    as ``.config`` for code that reads the model's shapes. It has no parameters.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, int8: bool = False, config: Any | None = None):
+        super().__init__()
+        require_onnx()
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        self.folder, self.int8, self.config = folder, int8, config
+        self.files = [folder / (f.replace(".onnx", INT8_SUFFIX) if int8 else f) for f in (IMAGE_FILE, TEXT_FILE)]
+        missing = [str(f) for f in (*self.files, folder / METADATA_FILE) if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} is not an ONNX export of mmkd (missing {', '.join(missing)}); write "
+                                    "one with `mmkd export --format onnx" + (" --int8" if int8 else "") + "`")
+        self.metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+        self.image_session, self.text_session = (
+            ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for f in self.files)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        px = pixel_values.detach().cpu().float().numpy()
+        return torch.from_numpy(self.image_session.run(None, {"pixel_values": px})[0])
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        feed = {"input_ids": input_ids.cpu().long().numpy(), "attention_mask": mask.cpu().long().numpy()}
+        return torch.from_numpy(self.text_session.run(None, feed)[0])
+
+    def size_bytes(self) -> int:
+        """Bytes of the two encoder files (what a deployment ships besides the small processor files)."""
+        return sum(f.stat().st_size for f in self.files)
+
+
 class MissingONNXError(RuntimeError):
     """onnx, onnxruntime or onnxscript is not installed (the ``onnx`` extra)."""
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
     missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if _missing(name)]
     if missing:
         raise MissingONNXError(f"ONNX export needs {', '.join(missing)}: pip install 'mmkd[onnx]'")
@@ -134,8 +174,13 @@ def _verify(folder: Path, model, image_inputs, text_inputs) -> dict[str, float]:
 
 
 def _export(module: nn.Module, args: tuple, names: list[str], dynamic: dict, output: str, path: Path) -> None:
-    program = torch.onnx.export(module, args, dynamic_shapes=dynamic, input_names=names, output_names=[output],
-                                dynamo=True, verbose=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch names each dynamic axis once: "The axis name: batch will not be used, since it shares ..." is noise
+        warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used", category=UserWarning)
+        program = torch.onnx.export(module, args, dynamic_shapes=dynamic, input_names=names,
+                                    output_names=[output], dynamo=True, verbose=False)
     program.save(str(path))
 
 
@@ -152,7 +197,7 @@ def export_onnx(
 
     from mmkd.interop.to_open_clip import _check_student_dir
 
-    _require_onnx()
+    require_onnx()
     if isinstance(model_or_dir, CLIPModel):
         model = model_or_dir
         if processor is None:

@@ -41,14 +41,18 @@ from mmkd.reporting.pruning import (
     structured_prune,
 )
 from mmkd.reporting.tables import fmt, markdown_table, pct
-from mmkd.reporting.timing import interleaved_times, median_rate, time_summary
+from mmkd.reporting.throughput import check_counts, compare_throughput, measure_throughput
+from mmkd.reporting.timing import time_summary
 
 __all__ = [
-    "QUANTIZATION", "compare_throughput", "compression_report", "format_report", "measure_throughput",
+    "ONNX_HOW", "QUANTIZATION", "compare_throughput", "compression_report", "format_report", "measure_throughput",
     "quantize_int8", "size_on_disk",
 ]  # fmt: skip
 
 QUANTIZATION = "torch.ao.quantization.quantize_dynamic({nn.Linear}, dtype=torch.qint8)"
+#: how the onnx rows are made and run (``compression_report(onnx=True)``)
+ONNX_HOW = "torch.onnx.export(dynamo=True) encoders run by onnxruntime's CPUExecutionProvider"
+ONNX_INT8_HOW = "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8) of the exported graphs"
 #: dataset names the report knows besides paths and Hub ids; "none" skips the accuracy columns.
 NAMED_DATASETS = ("none", "fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder")
 #: a slowest / fastest timed batch ratio above this flags a disturbed throughput measurement in the Markdown
@@ -82,8 +86,13 @@ def size_on_disk(model: nn.Module) -> tuple[int, str]:
     """(bytes, format) of ``model`` saved to a temporary folder, the way it would be shipped.
 
     Float ``transformers`` models: ``save_pretrained`` (safetensors + config.json, every file counted). Quantized
-    models: ``torch.save(model.state_dict())`` -- their packed int8 weights are not plain tensors.
+    models: ``torch.save(model.state_dict())`` -- their packed int8 weights are not plain tensors. An ONNX export
+    (:class:`~mmkd.interop.to_onnx.ONNXCLIP`): its two encoder files, as written.
     """
+    from mmkd.interop.to_onnx import ONNXCLIP
+
+    if isinstance(model, ONNXCLIP):
+        return model.size_bytes(), "ONNX (image + text encoder files)"
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -100,106 +109,6 @@ def size_on_disk(model: nn.Module) -> tuple[int, str]:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _check_counts(**counts: tuple[Any, int]) -> None:
-    """Each ``name=(value, minimum)`` must be an integer (not a bool) >= minimum."""
-    for name, (value, minimum) in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _synthetic_inputs(
-    model: nn.Module, batch_size: int, text_length: int | None, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed (pixels, input_ids, attention_mask) of the model's image size and context length."""
-    vcfg, tcfg = model.config.vision_config, model.config.text_config
-    context = int(tcfg.max_position_embeddings)
-    length = context if text_length is None else int(text_length)
-    if not 2 <= length <= context:
-        raise ValueError(f"text_length must be in [2, {context}] (the context length), got {text_length}")
-    gen = torch.Generator().manual_seed(seed)
-    size = int(vcfg.image_size)
-    pixels = torch.randn(batch_size, int(vcfg.num_channels), size, size, generator=gen)
-    # the end-of-text id closes every text, where transformers pools (the largest id for legacy eos_token_id=2)
-    eos = int(tcfg.eos_token_id) if tcfg.eos_token_id not in (None, 2) else int(tcfg.vocab_size) - 1
-    ids = torch.randint(0, min(eos, int(tcfg.vocab_size) - 2), (batch_size, length), generator=gen)
-    ids[:, -1] = eos
-    return pixels, ids, torch.ones_like(ids)
-
-
-def compare_throughput(
-    models: dict[str, nn.Module], *, batch_size: int = 32, repeats: int = 5, warmup: int = 1,
-    text_length: int | None = None, seed: int = 0,
-) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Image and text encoding throughput of several ``CLIPModel`` s (int8 copies included) on this machine.
-
-    Inputs are fixed and synthetic -- ``batch_size`` random images of each model's image size, ``batch_size``
-    texts of ``text_length`` token ids (default: the full context length, what open_clip always runs) ending in
-    the end-of-text id -- so the data pipeline is excluded and every model sees the same work per item. The
-    encoders (one ``get_*_features`` call under ``torch.inference_mode`` each) are timed by
-    :func:`mmkd.reporting.timing.interleaved_times`: ``warmup`` untimed rounds, then ``repeats`` rounds in which
-    every model encodes one image batch and one text batch in turn, so a passing load on the machine is spread
-    over all of them. The rate is ``batch_size`` / the median time; the individual times are returned too, to
-    judge how disturbed a measurement was, and ``cpu_share`` (:meth:`~mmkd.reporting.timing.Timings.cpu_share`)
-    whether other processes shared the cores. torch's thread count is not touched.
-
-    Returns ``{name: {"image_per_s", "text_per_s", "image_seconds", "text_seconds", "batch_size", "repeats",
-    "warmup", "image_size", "text_length", "threads", "cpu_share"}}``.
-    """
-    _check_counts(batch_size=(batch_size, 1), repeats=(repeats, 1), warmup=(warmup, 0))
-    if not models:
-        raise ValueError("no models to measure")
-    inputs, tasks = {}, {}
-    for name, model in models.items():
-        device = next(model.parameters()).device
-        px, ids, mask = inputs[name] = [t.to(device) for t in _synthetic_inputs(model, batch_size, text_length, seed)]
-        tasks[name, "image"] = _encode(device, model.get_image_features, pixel_values=px)
-        tasks[name, "text"] = _encode(device, model.get_text_features, input_ids=ids, attention_mask=mask)
-
-    modes = {name: model.training for name, model in models.items()}
-    try:
-        for model in models.values():
-            model.eval()
-        with torch.inference_mode():
-            timings = interleaved_times(tasks, repeats=repeats, warmup=warmup)
-    finally:
-        for name, model in models.items():
-            model.train(modes[name])
-    times = timings.seconds
-    return {
-        name: {
-            "image_per_s": median_rate(times[name, "image"], batch_size),
-            "text_per_s": median_rate(times[name, "text"], batch_size),
-            "image_seconds": times[name, "image"],
-            "text_seconds": times[name, "text"],
-            "batch_size": batch_size,
-            "repeats": repeats,
-            "warmup": warmup,
-            "image_size": int(inputs[name][0].shape[-1]),
-            "text_length": int(inputs[name][1].shape[1]),
-            "threads": torch.get_num_threads(),
-            "cpu_share": timings.cpu_share(),
-        }
-        for name in models
-    }
-
-
-def _encode(device: torch.device, encoder, **batch: torch.Tensor):
-    """One encoder call on a fixed batch, finished on the device before it returns (so its time is the work's);
-    returns nothing, so no output is kept between calls."""
-
-    def call() -> None:
-        encoder(**batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    return call
-
-
-def measure_throughput(model: nn.Module, **kwargs: Any) -> dict[str, Any]:
-    """:func:`compare_throughput` of one model (same keyword arguments, same result for that model)."""
-    return compare_throughput({"model": model}, **kwargs)["model"]
 
 
 def _fashion_mnist_templates() -> list[str]:
@@ -332,7 +241,7 @@ def _student_labels(students: list[Any], taken: set[str] = frozenset()) -> list[
     labels: list[str] = []
     for i, spec in enumerate(students):
         label = Path(spec).name if isinstance(spec, (str, Path)) else f"student {i + 1}"
-        clash = label in labels or label in taken or f"{label} int8" in taken or label == "teacher"
+        clash = label in labels or any(label + x in taken for x in ("", *VARIANT_SUFFIXES)) or label == "teacher"
         labels.append(f"{label} ({i + 1})" if clash else label)
     return labels
 
@@ -341,11 +250,11 @@ def compression_report(
     teacher: Any, student: Any, dataset: Any = None, *, teacher_pretrained: str | None = None,
     teacher_processor: Any = None, student_processor: Any = None, data_dir: str | None = None,
     max_examples: int | None = None, batch_size: int = 32, repeats: int = 5, warmup: int = 1,
-    text_length: int | None = None, eval_batch_size: int = 256, quantize: bool = True,
+    text_length: int | None = None, eval_batch_size: int = 256, quantize: bool = True, onnx: bool = False,
     prune: Sequence[tuple[str, float]] = (), progress: bool = False, log=None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Measure the teacher, its students, their int8 copies and pruned copies of the teacher; returns a JSON-able
-    dict (see :func:`format_report`).
+    """Measure the teacher, its students, their int8 copies, their ONNX exports in onnxruntime and pruned copies
+    of the teacher; returns a JSON-able dict (see :func:`format_report`).
 
     Args:
         teacher: anything :func:`mmkd.teachers.load_transformers_clip` takes (open_clip name / json / checkpoint,
@@ -361,7 +270,11 @@ def compression_report(
         data_dir, max_examples: where a named dataset's files are; evaluate on at most this many images.
         batch_size, repeats, warmup, text_length: throughput settings (:func:`measure_throughput`).
         eval_batch_size: images / prompts per batch in the accuracy pass (does not change the numbers).
-        quantize: add an int8 row for the teacher and for each student.
+        quantize: add an int8 row for the teacher and for each student (and, with ``onnx``, an onnxruntime int8
+            row: :func:`mmkd.interop.to_onnx.export_onnx` with ``int8=True``).
+        onnx: add an onnxruntime row for the teacher and for each student: the encoders exported by
+            :func:`mmkd.interop.to_onnx.export_onnx` (checked against the model) to a temporary folder, timed on
+            the same inputs and evaluated with ``backend="onnxruntime"``; needs the ``onnx`` extra.
         prune: ``(method, level)`` pairs (:func:`mmkd.reporting.pruning.parse_prune_spec`): a pruned copy of the
             teacher per pair, without retraining -- ``magnitude`` (unstructured, global) or ``structured``.
         progress: progress bars in the accuracy pass.
@@ -370,7 +283,11 @@ def compression_report(
     Every input is checked (student folder, dataset) and the dataset is loaded before any model is.
     """
     say = log or (lambda _msg: None)
-    _check_counts(
+    if onnx:
+        from mmkd.interop.to_onnx import require_onnx
+
+        require_onnx()  # MissingONNXError, before anything loads
+    check_counts(
         batch_size=(batch_size, 1), repeats=(repeats, 1), warmup=(warmup, 0), eval_batch_size=(eval_batch_size, 1)
     )
     students = list(student) if isinstance(student, (list, tuple)) else [student]
@@ -397,29 +314,64 @@ def compression_report(
         say(f"loading dataset {dataset}")
         task = load_report_dataset(dataset, data_dir=data_dir, max_examples=max_examples)
 
+    with tempfile.TemporaryDirectory(prefix="mmkd-report-onnx-") as exports:
+        return _measure(teacher, teacher_pretrained, teacher_processor, students, student_processor, dataset, task,
+                        prune, prune_labels, Path(exports) if onnx else None, quantize=quantize, batch_size=batch_size,
+                        repeats=repeats, warmup=warmup, text_length=text_length, eval_batch_size=eval_batch_size,
+                        progress=progress, say=say)
+
+
+def _variants(label: str, name: str, model: nn.Module, proc: Any, quantize: bool, exports: Path | None,
+              say) -> list[tuple]:
+    """The rows derived from one model: its torch int8 copy (``quantize``) and, with ``exports`` (a folder), its
+    ONNX export in onnxruntime and that export's int8 copy; ``(label, name, model, processor, technique, source
+    label, model whose Parameters count)`` each."""
+    rows = []
+    if quantize:
+        say(f"quantizing {label} to int8")
+        rows.append((f"{label} int8", f"{name} (int8)", quantize_int8(model), proc, "int8", label, model))
+    if exports is not None:
+        from mmkd.interop.to_onnx import ONNXCLIP, export_onnx
+
+        say(f"exporting {label} to ONNX" + (" (and onnxruntime int8)" if quantize else ""))
+        folder = exports / f"{len(list(exports.iterdir()))}"
+        export_onnx(model, folder, processor=proc, int8=quantize)
+        rows.append((f"{label} onnx", f"{name} (onnxruntime)", ONNXCLIP(folder, config=model.config), proc, "onnx",
+                     label, model))
+        if quantize:
+            rows.append((f"{label} onnx int8", f"{name} (onnxruntime int8)",
+                         ONNXCLIP(folder, int8=True, config=model.config), proc, "onnx int8", label, model))
+    return rows
+
+
+#: the labels :func:`_variants` gives the rows derived from a model labelled ``x``: x int8, x onnx, x onnx int8
+VARIANT_SUFFIXES = (" int8", " onnx", " onnx int8")
+
+
+def _measure(teacher, teacher_pretrained, teacher_processor, students, student_processor, dataset, task, prune,
+             prune_labels, exports, *, quantize, batch_size, repeats, warmup, text_length, eval_batch_size, progress,
+             say) -> dict[str, Any]:
+    """:func:`compression_report` once its inputs are checked: load, derive, time, size and evaluate each row."""
+    from mmkd.interop.to_onnx import ONNXCLIP
+
     say(f"loading teacher {teacher}")
     t_model, t_proc, t_name = _teacher_model(teacher, teacher_pretrained, teacher_processor)
     # (label, name, model, processor, technique, source label, model whose Parameters count)
     models = [("teacher", t_name, t_model, t_proc, "teacher", None, t_model)]
-    if quantize:
-        say("quantizing the teacher to int8")
-        models.append(("teacher int8", f"{t_name} (int8)", quantize_int8(t_model), t_proc, "int8", "teacher", t_model))
+    models += _variants("teacher", t_name, t_model, t_proc, quantize, exports, say)
     for (method, level), label in zip(prune, prune_labels, strict=True):
         say(f"pruning the teacher: {method} {level:.1%}")
         pruned = magnitude_prune(t_model, level) if method == "magnitude" else structured_prune(t_model, level)[0]
         models.append((label, f"{t_name} ({method} pruning {level:.0%})", _frozen(pruned), t_proc,
                        f"{method} pruning", "teacher", pruned))
-    labels = _student_labels(students, taken={m[0] for m in models} | {f"{m[0]} int8" for m in models})
+    labels = _student_labels(students, taken={m[0] + x for m in models for x in ("", *VARIANT_SUFFIXES)})
     s_names = []
     for spec, label in zip(students, labels, strict=True):
         say(f"loading student {spec}")
         s_model, s_proc, s_name = _student_model(spec, student_processor)
         s_names.append(s_name)
         models.append((label, s_name, s_model, s_proc, "student", "teacher", s_model))
-        if quantize:
-            say(f"quantizing {label} to int8")
-            models.append((f"{label} int8", f"{s_name} (int8)", quantize_int8(s_model), s_proc, "int8", label,
-                           s_model))
+        models += _variants(label, s_name, s_model, s_proc, quantize, exports, say)
 
     say(f"throughput: {repeats} interleaved repeats of batch {batch_size} per encoder")
     speeds = compare_throughput({m[0]: m[2] for m in models}, batch_size=batch_size, repeats=repeats,
@@ -445,7 +397,7 @@ def compression_report(
             "size_mb": size_bytes / 1e6,
             "size_format": size_format,
             # the Linear weights stored as CSR: what the zeros of a magnitude-pruned model could save (n/a for int8)
-            "sparse_size_mb": None if quantized else sparse_size(model) / 1e6,
+            "sparse_size_mb": None if quantized or isinstance(model, ONNXCLIP) else sparse_size(model) / 1e6,
             **{key: speed[key] for key in SPEED_KEYS},
             # slowest / fastest timed batch: near 1 on a quiet machine, well above it when something else ran
             "image_spread": time_summary(speed["image_seconds"])["spread"],
@@ -458,8 +410,12 @@ def compression_report(
 
             say(f"{label}: zero-shot accuracy")
             ds, templates = task
-            result = evaluate_zeroshot(model, ds, templates=templates, processor=proc, batch_size=eval_batch_size,
-                                       progress=progress)
+            if isinstance(model, ONNXCLIP):  # the export's folder, through onnxruntime
+                result = evaluate_zeroshot(str(model.folder), ds, templates=templates, batch_size=eval_batch_size,
+                                           progress=progress, backend="onnxruntime-int8" if model.int8 else "onnxruntime")
+            else:
+                result = evaluate_zeroshot(model, ds, templates=templates, processor=proc, batch_size=eval_batch_size,
+                                           progress=progress)
             row["acc1"], row["acc5"] = result["acc1"], result.get("acc5")
         rows.append(row)
     base = rows[0]
@@ -488,6 +444,7 @@ def compression_report(
             "interleaved": True,
             "text_length": rows[0]["text_length"],
             "quantization": QUANTIZATION if quantize else None,
+            "onnx": ONNX_HOW + (f"; int8: {ONNX_INT8_HOW}" if quantize else "") if exports is not None else None,
             "pruning": [{"method": m, "level": lv, "how": PRUNING_HOW[m]} for m, lv in prune],
         },
         # other processes' CPU use slows every row alike (the models are interleaved): the CPU share tells
@@ -556,6 +513,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("Zero-shot accuracy: not measured (no dataset).")
     if s.get("quantization"):
         lines.append(f"int8: `{s['quantization']}` on a copy of the teacher and of each student.")
+    if s.get("onnx"):
+        lines.append(f"onnx: {s['onnx']} (size: the two .onnx files).")
     for p in s.get("pruning", []):
         lines.append(f"{p['method']} pruning {p['level']:.0%} of the teacher, without retraining: {p['how']}.")
     if any(p["method"] == "magnitude" for p in s.get("pruning", [])):

@@ -90,7 +90,7 @@ def loss_curves(folders: dict[str, Path], path: Path) -> Path:
 # -- the compression report -----------------------------------------------------------------------------
 # technique -> (marker, colour): the legend reads one entry per technique; the labels name each model
 _MARKERS = {"teacher": ("*", "C0"), "student": ("o", "C2"), "int8": ("s", "C1"), "magnitude pruning": ("v", "C4"),
-            "structured pruning": ("D", "C3")}
+            "structured pruning": ("D", "C3"), "onnx": ("P", "C5"), "onnx int8": ("X", "C6")}
 
 
 def plotted_size(row: dict[str, Any]) -> float:
