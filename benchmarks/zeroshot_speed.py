@@ -137,7 +137,8 @@ def main() -> None:
         from mmkd.interop.to_onnx import export_onnx
 
         folder = Path(tempfile.mkdtemp(prefix="mmkd-zs-onnx-")) / "onnx"
-        export_onnx(teacher.to_transformers(), folder, processor=teacher.transformers_processor(), int8=True)
+        export_onnx(teacher.to_transformers(), folder, processor=teacher.transformers_processor(), int8=True,
+                    measure=False)  # timed here, not by the export
         for backend in ("onnxruntime", "onnxruntime-int8"):
             encoder = load_encoder(str(folder), backend=backend)
             clf, seconds_build = timed(lambda encoder=encoder: zero_shot_classifier(encoder, classnames, templates,

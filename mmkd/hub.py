@@ -66,6 +66,12 @@ PUSH_PATTERNS: list[str] = [
 # TensorBoard event files: the Hub shows them as the repository's "Training metrics"; opt-in (``include_runs``).
 RUNS_PATTERNS: list[str] = ["runs/*"]
 
+# An ONNX export written into the student folder (``mmkd export --format onnx DIR DIR/onnx``): its encoders (and
+# external weight files, which torch writes beside a graph over 2 GB), its processor files (``*.json`` above and
+# the tokenizer's ``merges.txt``) and its metadata, which the card's int8 section reads. Pushed when ``onnx/``
+# is an mmkd export (:func:`mmkd.interop.formats.onnx_folder`).
+ONNX_PATTERNS: list[str] = ["onnx/*.onnx", "onnx/*.onnx.data", "onnx/*.txt"]
+
 # Never pushed, wherever they are: hidden and private (``_*``) files and folders, pickles (training_args.bin,
 # optimizer states: loading them runs code) and recipes/offline_job.py's stage record, which means nothing on the Hub.
 IGNORE_PATTERNS: list[str] = [
@@ -114,11 +120,15 @@ def push_patterns(folder: str | Path, include_runs: bool = False) -> tuple[list[
     """``(allow_patterns, ignore_patterns)`` of a push of ``folder``, for ``HfApi.upload_folder`` and
     ``filter_repo_objects``: :data:`PUSH_PATTERNS` (+ :data:`RUNS_PATTERNS` with ``include_runs``), and
     :data:`IGNORE_PATTERNS` plus ``<name>/*`` for each of the folder's sub-folders (checkpoint-*/, a sweep's
-    runs, ...) but ``runs/`` with ``include_runs``: huggingface_hub's ``*`` crosses ``/``, so ``*.json`` alone
-    would take a checkpoint's ``trainer_state.json`` too."""
-    keep = {"runs"} if include_runs else set()
+    runs, ...) but ``runs/`` with ``include_runs`` and ``onnx/`` when it holds an mmkd ONNX export
+    (:data:`ONNX_PATTERNS`): huggingface_hub's ``*`` crosses ``/``, so ``*.json`` alone would take a checkpoint's
+    ``trainer_state.json`` too."""
+    from mmkd.interop.formats import ONNX_SUBFOLDER, onnx_folder
+
+    onnx = onnx_folder(folder) is not None
+    keep = ({"runs"} if include_runs else set()) | ({ONNX_SUBFOLDER} if onnx else set())
     subfolders = sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and p.name not in keep)
-    allow = PUSH_PATTERNS + (RUNS_PATTERNS if include_runs else [])
+    allow = PUSH_PATTERNS + (RUNS_PATTERNS if include_runs else []) + (ONNX_PATTERNS if onnx else [])
     return allow, IGNORE_PATTERNS + [glob.escape(name) + "/*" for name in subfolders]
 
 
@@ -148,6 +158,14 @@ def _missing_essentials(folder: Path, names: set[str]) -> list[str]:
             missing.append("the image processor (processor_config.json or preprocessor_config.json)")
         if not names & {"tokenizer.json", "tokenizer_config.json"}:
             missing.append("the tokenizer (tokenizer.json or tokenizer_config.json)")
+    from mmkd.interop.formats import onnx_folder
+    from mmkd.interop.to_onnx import IMAGE_FILE, TEXT_FILE
+
+    onnx = onnx_folder(folder)
+    if onnx is not None:  # pushed with the model: it must be a loadable export too
+        missing.extend(f"onnx/{f}" for f in (IMAGE_FILE, TEXT_FILE) if not (onnx / f).is_file())
+        if not any((onnx / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            missing.append("the tokenizer of onnx/ (onnx/tokenizer.json or onnx/tokenizer_config.json)")
     if config.get("model_type") == "mmkd_resnet_minilm" and not names & {"tokenizer.json", "tokenizer_config.json"}:
         missing.append("the MiniLM tokenizer (tokenizer.json or tokenizer_config.json)")  # a match student
     return missing
@@ -213,16 +231,21 @@ def ensure_model_card(folder: str | Path, repo_id: str, command: str | None = No
       :mod:`mmkd.reporting.cards` first, as ``recipes/offline_job.py`` and ``recipes/match_student.py`` do. A folder that
       is neither raises ``FileNotFoundError``.
     * A card mmkd rendered (tag ``mmkd``) for another name (the recipes write the local path): only the
-      ``model="..."`` of its ``pipeline(...)`` snippet and the ids of its ``from_pretrained("...")`` calls change;
-      results, bias and limitations stay as written.
+      ``model="..."`` of its ``pipeline(...)`` snippet and the ids of its ``from_pretrained("...")`` calls change,
+      and its "Formats" section is rendered afresh from the folder (:mod:`mmkd.interop.formats`: exports written
+      after the card appear, with the int8 export's measured size, speed and accuracy); results, bias and
+      limitations stay as written.
     * Any other card is left exactly as it is.
     """
     folder = Path(folder)
     path = folder / "README.md"
     if path.is_file():
         if _is_mmkd_card(path):
+            from mmkd.interop.formats import update_formats_section
+
             text = path.read_text(encoding="utf-8")
             updated = _USAGE_SNIPPET.sub(lambda m: m.group(1) + repo_id + m.group(3), text)
+            updated = update_formats_section(updated, folder, repo_id)
             if updated != text:
                 _write_atomically(path, updated)
         return path

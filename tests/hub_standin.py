@@ -15,7 +15,7 @@ their files as bytes, every request, and the commits. Endpoints (read from huggi
 ``POST /api/models/{repo}/commit/{rev}``                    NDJSON: header, file (base64), lfsFile, deletedFile...
 ``POST /api/models/{repo}/branch/{branch}``                 create_branch
 ``GET /api/models/{repo}[/revision/{rev}]``                 repo_info / model_info, with the file list
-``GET /api/models/{repo}/tree/{rev}[/{path}]``              list_repo_tree (files of one folder)
+``GET /api/models/{repo}/tree/{rev}[/{path}]``              list_repo_tree (one folder; ``recursive=true``: all)
 ``HEAD|GET /{repo}/resolve/{rev}/{path}``                   file metadata and content (hf_hub_download)
 ==========================================================  =========================================================
 
@@ -257,7 +257,8 @@ class _Handler(BaseHTTPRequestHandler):
         if m == "GET" and (g := c(r"/api/models/(?P<repo>[^/]+/[^/]+?)(?:/revision/(?P<rev>.+))?", path)):
             return self._repo_info(g["repo"], g["rev"] or "main")
         if m == "GET" and (g := c(r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?", path)):
-            return self._tree(g["repo"], g["rev"], g["sub"] or "")
+            recursive = query.get("recursive", ["false"])[0].lower() in ("true", "1")
+            return self._tree(g["repo"], g["rev"], g["sub"] or "", recursive)
         if m in ("GET", "HEAD") and (g := c(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)):
             return self._resolve(g["repo"], g["rev"], g["file"])
         self.hub.unhandled.append(f"{m} {path}")
@@ -382,7 +383,9 @@ class _Handler(BaseHTTPRequestHandler):
             "siblings": [{"rfilename": p} for p in sorted(snap.files)],
         })
 
-    def _tree(self, repo_id: str, rev: str, sub: str) -> None:
+    def _tree(self, repo_id: str, rev: str, sub: str, recursive: bool = False) -> None:
+        """One folder's entries, or with ``recursive`` (``?recursive=true``, what ``snapshot_download`` asks) every
+        file below it and every folder on the way."""
         _, snap = self._snapshot(self._repo(repo_id), rev)
         prefix = sub.strip("/") + "/" if sub.strip("/") else ""
         entries, folders = [], set()
@@ -391,8 +394,11 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             rest = p[len(prefix):]
             if "/" in rest:
-                folders.add(prefix + rest.split("/", 1)[0])
-                continue
+                parts = rest.split("/")[:-1]
+                for depth in range(1, len(parts) + 1 if recursive else 2):
+                    folders.add(prefix + "/".join(parts[:depth]))
+                if not recursive:
+                    continue
             entries.append({"type": "file", "path": p, "size": len(snap.files[p]), "oid": snap.oid(p)})
         if prefix and not entries and not folders:
             raise _Error(404, f"{sub} does not exist on {rev}", "EntryNotFound")

@@ -121,3 +121,53 @@ def test_zero_shot_through_onnxruntime_predicts_what_torch_predicts(tiny_hf_clip
                  "--templates", str(templates), "--batch-size", "4", "--no-progress", "--output", str(report)]) == 0
     (row,) = json.loads(report.read_text())["results"]
     assert row["acc1"] == torch_run["acc1"] and row["num_images"] == 18
+
+
+def test_the_int8_report_measures_size_speed_and_accuracy(tiny_hf_clip_dir, exported, tmp_path, capsys):
+    """What the model card's int8 section shows: sizes of the written files, onnxruntime speed of both, the embedding
+    cosine, and (``--eval-dataset``) both accuracies as evaluate_zeroshot's onnxruntime backends give them."""
+    from mmkd.cli import main
+    from mmkd.eval.zeroshot import evaluate_zeroshot
+    from mmkd.interop.to_onnx import METADATA_FILE
+    from tests.test_zeroshot import COLOR_NAMES, write_folder
+
+    out, result = exported
+    report = result["int8_report"]
+    assert json.loads((out / METADATA_FILE).read_text())["int8_report"] == report  # where the card reads it
+    for kind, names in (("fp32", ("image_encoder.onnx", "text_encoder.onnx")),
+                        ("int8", ("image_encoder.int8.onnx", "text_encoder.int8.onnx"))):
+        assert report["size_mb"][kind] == sum((out / n).stat().st_size for n in names) / 1e6
+        assert report["image_per_s"][kind] > 0 and report["text_per_s"][kind] > 0
+    assert report["batch_size"] == 32 and report["text_length"] == 77 and report["accuracy"] is None
+    assert 0.95 < report["min_cosine_to_fp32"]["text"] <= 1 + 1e-9
+    assert -1 <= report["min_cosine_to_fp32"]["image"] <= 1 + 1e-9
+
+    folder = write_folder(tmp_path / "colors", 12, COLOR_NAMES)
+    target = tmp_path / "measured"
+    assert main(["export", "--format", "onnx", "--int8", "--eval-dataset", str(folder), str(tiny_hf_clip_dir),
+                 str(target)]) == 0
+    printed = capsys.readouterr().out
+    acc = json.loads((target / METADATA_FILE).read_text())["int8_report"]["accuracy"]
+    assert acc["dataset"] == str(folder) and acc["num_images"] == 12
+    for kind, backend in (("fp32", "onnxruntime"), ("int8", "onnxruntime-int8")):
+        direct = evaluate_zeroshot(str(target), str(folder), backend=backend, progress=False)
+        assert (acc[f"{kind}_acc1"], acc[f"{kind}_acc5"]) == (direct["acc1"], direct["acc5"])
+    delta = 100 * (acc["int8_acc1"] - acc["fp32_acc1"])
+    assert f"zero-shot acc@1 on {folder} (12 images)" in printed and f"(delta {delta:+.2f} points)" in printed
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--eval-dataset", "fashion_mnist"], "--eval-dataset applies to --format onnx --int8 only"),
+        (["--int8", "--eval-dataset", "cifar1O"], "unknown dataset 'cifar1O'"),
+        (["--int8", "--eval-dataset", "fashion_mnist", "--max-examples", "0"], "--max-examples must be >= 1"),
+    ],
+)
+def test_int8_measurement_options_are_checked_before_anything_is_written(tiny_hf_clip_dir, tmp_path, capsys, extra,
+                                                                        expected):
+    from mmkd.cli import main
+
+    assert main(["export", "--format", "onnx", *extra, str(tiny_hf_clip_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err and not (tmp_path / "out").exists()

@@ -293,7 +293,8 @@ def test_an_mmkd_card_gets_the_repo_in_its_snippet_and_a_foreign_card_stays_as_i
     text = card.read_text()
     assert f'model="{student}"' in text
     P.ensure_model_card(student, "me/tiny-half")
-    assert card.read_text() == text.replace(f'model="{student}"', 'model="me/tiny-half"')
+    # the pipeline snippet and the Formats section's loading calls name the repository; nothing else changes
+    assert card.read_text() == text.replace(f'"{student}"', '"me/tiny-half"')
     mtime = card.stat().st_mtime_ns
     P.ensure_model_card(student, "me/tiny-half")  # already right: not rewritten
     assert card.stat().st_mtime_ns == mtime
@@ -342,3 +343,114 @@ def test_recipe_without_network_saves_the_student_then_exits_with_one_line(recip
     from transformers import CLIPModel
 
     assert CLIPModel.from_pretrained(out).config.vision_config.num_hidden_layers == 2
+
+
+# 5. Every format in one repository -------------------------------------------------------------------------------
+def _hub_env(hub, tmp_path: Path) -> dict[str, str]:
+    """The environment of a fresh interpreter that downloads from the stand-in."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_standin", HF_HUB_CACHE=str(tmp_path / "fresh-cache"),
+               HF_HUB_DISABLE_XET="1")
+    return env
+
+
+def test_every_export_is_pushed_listed_on_the_card_and_loads_from_the_hub_without_mmkd(student, hub, tmp_path,
+                                                                                          monkeypatch):
+    """open_clip and ONNX (fp32 + int8, measured) exports written into the student folder go up with it; the card
+    lists each format and shows the int8 export's measured size, speed and accuracy; the card's onnxruntime snippet,
+    run as written in an interpreter that cannot import mmkd, gives the int8 encoders' embeddings; open_clip loads
+    the repository by its hf-hub: id."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import open_clip
+    from transformers import CLIPModel, CLIPProcessor
+
+    from mmkd.interop.formats import available_formats
+    from mmkd.interop.to_onnx import METADATA_FILE, ONNXCLIP, export_onnx
+    from mmkd.interop.to_open_clip import export_open_clip
+    from tests.test_zeroshot import COLOR_NAMES, write_folder
+
+    card_before = P.ensure_model_card(student, str(student)).read_text()  # rendered before any export
+    assert "| transformers (PyTorch) |" in card_before and "ONNX" not in card_before
+    export_open_clip(student, student)
+    export_onnx(student, student / "onnx", int8=True,
+                eval_dataset=str(write_folder(tmp_path / "colors", 12, COLOR_NAMES)))
+    assert available_formats(student) == ["transformers", "open_clip", "onnx", "onnx-int8"]
+    listed = {p.as_posix() for p in P.files_to_push(student)}
+    assert {"open_clip_config.json", "open_clip_model.safetensors", "onnx/image_encoder.onnx", "onnx/text_encoder.onnx",
+            "onnx/image_encoder.int8.onnx", "onnx/text_encoder.int8.onnx", "onnx/mmkd_onnx.json",
+            "onnx/tokenizer.json"} <= listed
+    assert listed & {"onnx/preprocessor_config.json", "onnx/processor_config.json"}  # the image processor too
+    assert not any(p.startswith("checkpoint-") for p in listed)
+
+    P.push_folder(student, "me/tiny-half", token="hf_standin")
+    repo = hub.repos["me/tiny-half"]
+    assert listed == set(repo.files)
+    card = repo.files["README.md"].decode()
+    assert card.count("## Formats") == 1 and "sentence-transformers" not in card.split("## Formats")[1].split("##")[0]
+    for row in ("| transformers (PyTorch) |", "| open_clip |", "| ONNX fp32 (onnxruntime) |", "| ONNX int8 (onnxruntime) |"):
+        assert row in card
+    assert 'open_clip.create_model_and_transforms("hf-hub:me/tiny-half")' in card
+    report = json.loads((student / "onnx" / METADATA_FILE).read_text())["int8_report"]
+    size, acc = report["size_mb"], report["accuracy"]
+    assert f"| size of the two encoders (MB) | {size['fp32']:.1f} | {size['int8']:.1f} |" in card
+    assert (f"| images/s (batch 32) | {report['image_per_s']['fp32']:.1f} | {report['image_per_s']['int8']:.1f} |"
+            in card)
+    assert (f"| {100 * acc['fp32_acc1']:.2f} | {100 * acc['int8_acc1']:.2f} | "
+            f"{100 * (acc['int8_acc1'] - acc['fp32_acc1']):+.2f} points |") in card
+
+    snippet = card.split("```python\n# needs onnxruntime")[1].split("```")[0]
+    Image.new("RGB", (50, 40), (30, 160, 220)).save(tmp_path / "photo.png")
+    script = ("import sys\nsys.modules['mmkd'] = None  # importing mmkd fails from here on\nimport numpy as np\n"
+              "from PIL import Image\nimage = Image.open(sys.argv[1])\n# needs onnxruntime" + snippet
+              + "np.save(sys.argv[2], image_embeds)\nnp.save(sys.argv[3], text_embeds)\n")
+    (tmp_path / "snippet.py").write_text(script)
+    subprocess.run([sys.executable, "snippet.py", "photo.png", "image.npy", "text.npy"], cwd=tmp_path,
+                   env=_hub_env(hub, tmp_path), check=True, timeout=300)
+    local = ONNXCLIP(student / "onnx", int8=True)
+    processor = CLIPProcessor.from_pretrained(student / "onnx")
+    pixels = processor(images=[Image.open(tmp_path / "photo.png")], return_tensors="pt")["pixel_values"]
+    tokens = processor(text=["a photo of a sneaker"], padding=True, return_tensors="pt")
+    np.testing.assert_allclose(np.load(tmp_path / "image.npy"), local.get_image_features(pixels).numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "text.npy"),
+                               local.get_text_features(tokens["input_ids"], tokens["attention_mask"]).numpy(), atol=1e-6)
+
+    monkeypatch.setenv("HF_TOKEN", "hf_standin")  # open_clip's download takes no token argument
+    model, _, _ = open_clip.create_model_and_transforms("hf-hub:me/tiny-half")
+    with torch.no_grad():
+        want = CLIPModel.from_pretrained(student).eval().get_image_features(pixel_values=pixels).pooler_output
+        got = model.eval().encode_image(pixels)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_a_sentence_transformers_folder_pushes_with_a_card_listing_it(student, hub, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from mmkd.interop.to_sentence_transformers import export_sentence_transformers
+
+    folder = tmp_path / "tiny-half-st"
+    export_sentence_transformers(student, folder)
+    P.push_folder(folder, "me/tiny-half-st", token="hf_standin")
+    repo = hub.repos["me/tiny-half-st"]
+    assert {"modules.json", "config_sentence_transformers.json", "model.safetensors", "config.json",
+            "training_summary.json", "README.md"} <= set(repo.files)
+    card = repo.files["README.md"].decode()  # rendered from the records the export copied
+    assert '`SentenceTransformer("me/tiny-half-st")`, then `.encode([image])`' in card
+    assert "| transformers (PyTorch) |" in card and "distilled" in card
+    remote = SentenceTransformer("me/tiny-half-st", device="cpu", token="hf_standin")
+    image = Image.new("RGB", (40, 36), (220, 40, 40))
+    local = SentenceTransformer(str(folder), device="cpu")
+    for batch in ([image], ["a red circle"]):  # one modality per call, as sentence-transformers requires
+        want = local.encode(batch, convert_to_tensor=True)
+        torch.testing.assert_close(remote.encode(batch, convert_to_tensor=True), want, atol=1e-6, rtol=0)
+
+
+def test_an_incomplete_onnx_export_is_refused_before_any_network_call(student, hub):
+    pytest.importorskip("onnxruntime")
+    from mmkd.interop.to_onnx import export_onnx
+
+    export_onnx(student, student / "onnx")
+    (student / "onnx" / "text_encoder.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="missing onnx/text_encoder.onnx"):
+        P.push_folder(student, "me/tiny-half", token="hf_standin")
+    assert hub.requests == []

@@ -22,7 +22,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["open_clip", "onnx", "sentence-transformers"], default="open_clip",
                    help="what to write (sentence-transformers: a folder SentenceTransformer(path) loads, encoding "
                    "images and strings)")
-    p.add_argument("--int8", action="store_true", help="onnx: also write dynamically int8-quantized encoders")
+    p.add_argument("--int8", action="store_true", help="onnx: also write dynamically int8-quantized encoders, and "
+                   "measure them against the fp32 ones (size, onnxruntime speed, embedding cosine; recorded in "
+                   "mmkd_onnx.json for the model card)")
+    p.add_argument("--eval-dataset", default=None, help="onnx --int8: also measure zero-shot accuracy of the fp32 "
+                   "and int8 encoders on this dataset (fashion_mnist, cifar10, ... with --data-dir, an image folder)")
+    p.add_argument("--data-dir", default=None, help="folder holding --eval-dataset's files")
+    p.add_argument("--max-examples", type=int, default=None, help="--eval-dataset: at most this many images")
     p.add_argument("student_dir", metavar="STUDENT_DIR", help="folder written by CLIPModel.save_pretrained")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder to write the open_clip files to")
     p.add_argument(
@@ -41,18 +47,39 @@ def run(args: argparse.Namespace, prog: str) -> int:
                          "is always checked)")
     if args.int8 and args.format != "onnx":
         raise ValueError("--int8 applies to --format onnx only")
+    for option, value in (("--eval-dataset", args.eval_dataset), ("--data-dir", args.data_dir),
+                          ("--max-examples", args.max_examples)):
+        if value is not None and not args.int8:
+            raise ValueError(f"{option} applies to --format onnx --int8 only (it measures the int8 encoders)")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"--max-examples must be >= 1, got {args.max_examples}")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise ValueError(f"--data-dir {args.data_dir!r} is not a directory")
     if args.format == "onnx":
         from mmkd.cli import CommandError
         from mmkd.interop.to_onnx import MissingONNXError, export_onnx
 
         try:
-            result = export_onnx(args.student_dir, args.output_dir, int8=args.int8)
+            result = export_onnx(args.student_dir, args.output_dir, int8=args.int8, eval_dataset=args.eval_dataset,
+                                 data_dir=args.data_dir, max_examples=args.max_examples)
         except MissingONNXError as err:
             raise CommandError(str(err)) from None
         for what, path in result["paths"].items():
             print(f"{what}: {path}")
         worst = max(result["max_abs_diff"].values())
         print(f"onnxruntime embeddings equal the CLIPModel's (max abs difference {worst:.2g})")
+        report = result["int8_report"]
+        if report is not None:
+            print(f"int8: {report['size_mb']['int8']:.1f} MB (fp32 {report['size_mb']['fp32']:.1f} MB); images/s "
+                  f"{report['image_per_s']['int8']:.1f} (fp32 {report['image_per_s']['fp32']:.1f}), captions/s "
+                  f"{report['text_per_s']['int8']:.1f} (fp32 {report['text_per_s']['fp32']:.1f}) at batch "
+                  f"{report['batch_size']}; lowest cosine to fp32: image {report['min_cosine_to_fp32']['image']:.4f},"
+                  f" text {report['min_cosine_to_fp32']['text']:.4f}")
+            acc = report["accuracy"]
+            if acc is not None:
+                print(f"zero-shot acc@1 on {acc['dataset']} ({acc['num_images']:,} images): int8 "
+                      f"{100 * acc['int8_acc1']:.2f} %, fp32 {100 * acc['fp32_acc1']:.2f} % "
+                      f"(delta {100 * (acc['int8_acc1'] - acc['fp32_acc1']):+.2f} points)")
         return 0
     if args.format == "sentence-transformers":
         from mmkd.interop.to_sentence_transformers import export_sentence_transformers

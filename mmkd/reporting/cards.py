@@ -18,6 +18,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from mmkd.interop.formats import formats_section
 from mmkd.reporting.hardware import hardware_description
 
 TEMPLATES_ENV = "MMKD_MODEL_CARDS"
@@ -85,6 +86,8 @@ class CLIPStudentCard:
     bias: dict[str, Any] | None = None
     datasets: list[str] = field(default_factory=list)
     base_model: str | None = None
+    #: the "Formats" section (:func:`mmkd.interop.formats.formats_section` of the folder)
+    formats: str = ""
     license: str | None = None
     limitations: list[str] = field(default_factory=list)
 
@@ -182,6 +185,7 @@ def clip_student_card_data(
         datasets=list(datasets or []),
         base_model=None if init["strategy"] == "random" else _hub_id(teacher),
         limitations=list(limitations or []),
+        formats=formats_section(out, repo_id or str(out)),
     )
 
 
@@ -297,6 +301,7 @@ class MatchStudentCard:
     datasets: list[str] = field(default_factory=list)
     license: str | None = None
     limitations: list[str] = field(default_factory=lambda: list(MATCH_LIMITATIONS))
+    formats: str = ""
 
     def _row(self, which: str) -> dict[str, Any] | None:
         for row in self.results:
@@ -419,6 +424,7 @@ def match_student_card_data(
         teacher_parameters=teacher_row["parameters"] if teacher_row else None,
         datasets=list(datasets or []),
         limitations=list(limitations) if limitations is not None else list(MATCH_LIMITATIONS),
+        formats=formats_section(out, repo_id or str(out)),
     )
 
 

@@ -167,7 +167,7 @@ def _check_student_dir(path: Path) -> None:
         raise ValueError(f"student {str(path)!r} has model_type {model_type!r}, not 'clip' (a CLIPModel)")
 
 
-def _check_dataset_name(dataset: Any, data_dir: str | None) -> None:
+def check_dataset_name(dataset: Any, data_dir: str | None) -> None:
     """Cheap checks of a dataset spec, so a typo fails before anything is loaded."""
     if not isinstance(dataset, (str, Path)) or data_dir is not None:
         return  # with data_dir, any other name just labels the folder it reads
@@ -310,7 +310,7 @@ def compression_report(
         dataset = None
     task = None
     if dataset is not None:
-        _check_dataset_name(dataset, data_dir)
+        check_dataset_name(dataset, data_dir)
         say(f"loading dataset {dataset}")
         task = load_report_dataset(dataset, data_dir=data_dir, max_examples=max_examples)
 
@@ -335,12 +335,14 @@ def _variants(label: str, name: str, model: nn.Module, proc: Any, quantize: bool
 
         say(f"exporting {label} to ONNX" + (" (and onnxruntime int8)" if quantize else ""))
         folder = exports / f"{len(list(exports.iterdir()))}"
-        export_onnx(model, folder, processor=proc, int8=quantize)
-        rows.append((f"{label} onnx", f"{name} (onnxruntime)", ONNXCLIP(folder, config=model.config), proc, "onnx",
-                     label, model))
+        export_onnx(model, folder, processor=proc, int8=quantize, measure=False)  # the report measures
+        # spinning off: its idle threads would starve the torch row timed next (see ONNXCLIP)
+        rows.append((f"{label} onnx", f"{name} (onnxruntime)", ONNXCLIP(folder, config=model.config, spinning=False),
+                     proc, "onnx", label, model))
         if quantize:
             rows.append((f"{label} onnx int8", f"{name} (onnxruntime int8)",
-                         ONNXCLIP(folder, int8=True, config=model.config), proc, "onnx int8", label, model))
+                         ONNXCLIP(folder, int8=True, config=model.config, spinning=False), proc, "onnx int8", label,
+                         model))
     return rows
 
 
