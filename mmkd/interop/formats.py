@@ -103,8 +103,8 @@ them before taking cosines. Batch size and caption length are dynamic."""
 def _int8_lines(report: dict[str, Any] | None) -> list[str]:
     """The int8 subsection: the export's measured size, speed and accuracy delta against the fp32 export."""
     lines = ["", "### ONNX int8", "",
-             "onnxruntime's dynamic quantization (`quantize_dynamic`, int8 weights of the MatMul and Gemm nodes, "
-             "activations quantized at run time) of the fp32 export; no calibration data."]
+             "onnxruntime's dynamic quantization (`quant_pre_process`, then `quantize_dynamic`: int8 weights of the "
+             "MatMul and Gemm nodes, activations quantized at run time) of the fp32 export; no calibration data."]
     if report is None:
         return lines + ["", "Its size, speed and accuracy were not measured at export (`mmkd export --format onnx "
                             "--int8` measures them)."]
@@ -125,11 +125,11 @@ def _int8_lines(report: dict[str, Any] | None) -> list[str]:
         delta = 100 * (acc["int8_acc1"] - acc["fp32_acc1"])
         lines.append(f"| zero-shot acc@1 on {acc['dataset']}, {acc['num_images']:,} images (%) | "
                      f"{100 * acc['fp32_acc1']:.2f} | {100 * acc['int8_acc1']:.2f} | {delta:+.2f} points |")
-    lines += ["", f"Speed measured with onnxruntime's CPU execution provider on {report['hardware']} at export, on "
-              "synthetic inputs (median of interleaved batches). The lowest cosine between the int8 and fp32 "
-              f"embeddings of real photos and captions: {cos['image']:.4f} (images), {cos['text']:.4f} (captions)."]
-    if acc is None:
-        lines.append("Zero-shot accuracy was not measured at export (`--eval-dataset` measures it).")
+    lines += ["", f"Measured at export with onnxruntime's CPU execution provider ({report['hardware']}); speed on "
+              "synthetic inputs, the median of interleaved batches. The lowest cosine between the int8 and fp32 "
+              f"embeddings of real photos and captions: {cos['image']:.4f} (images), {cos['text']:.4f} (captions)."
+              + (" Zero-shot accuracy was not measured at export (`--eval-dataset` measures it)." if acc is None
+                 else "")]
     return lines
 
 
