@@ -274,7 +274,9 @@ def run_chain(argv, data_args: DataArguments, args: CLIPDistillationConfig,
                 marker.write_text(json.dumps({"record": record, "complete": True}, indent=2) + "\n")
             PartialState().wait_for_everyone()
         done.append({"stage": record["stage"], "teacher": str(teacher), "output_dir": str(folder),
-                     "parameters": summary["student"]["parameters"]["total"]})
+                     "parameters": summary["student"]["parameters"]["total"],
+                     "teacher_name": summary["teacher"]["name"],
+                     "teacher_parameters": summary["teacher"]["parameters"]["total"]})
         teacher = folder
     summary["chain"] = done
     if PartialState().is_main_process:

@@ -67,6 +67,30 @@ def test_chain_hands_each_stage_to_the_next_and_resumes_per_stage(tmp_path, monk
         assert (folder / CHAIN_RECORD).is_file()
     first_weights = (first / "model.safetensors").stat().st_mtime_ns
 
+    # its card names the chain's first teacher and the assistants, not the last assistant as "the teacher"
+    from mmkd.reporting.cards import clip_student_card_data, render_clip_student_card
+
+    data = clip_student_card_data(out, repo_id="me/chained")
+    original = json.loads((first / "training_summary.json").read_text())["teacher"]
+    assert data.teacher == summary["chain"][0]["teacher_name"] == original["name"] == "tiny_openclip_vit"
+    assert data.teacher_parameters == original["parameters"]["total"] == summary["chain"][0]["teacher_parameters"]
+    card = str(render_clip_student_card(data))
+    params = [f"{s['parameters']:,}" for s in summary["chain"]]
+    assert (f"through teacher assistants (Mirzadeh et al., 2020), each stage distilled from the one before:\n"
+            f"`{original['name']}` → assistant `3L` ({params[0]} parameters) → assistant `2Lx16` ({params[1]} "
+            "parameters) → this model. Its own stage started from the last assistant's weights (2+2\nlayers), "
+            "keeping\nvision layers") in card
+    assert "final norms are the last assistant's" in card and str(second) not in card
+    # a summary written before the chain recorded its first teacher: read from the first stage's own summary
+    saved = (out / "training_summary.json").read_text()
+    older = json.loads(saved)
+    for stage in older["chain"]:
+        del stage["teacher_name"], stage["teacher_parameters"]
+    (out / "training_summary.json").write_text(json.dumps(older))
+    assert (clip_student_card_data(out).teacher, clip_student_card_data(out).teacher_parameters) == (
+        data.teacher, data.teacher_parameters)
+    (out / "training_summary.json").write_text(saved)
+
     # an interruption in the last stage: what a kill leaves -- its in-progress record, its first checkpoint
     record = json.loads((out / CHAIN_RECORD).read_text())
     assert record["complete"] is True and record["record"]["inputs"]["teacher_weights"]

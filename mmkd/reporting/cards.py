@@ -88,6 +88,8 @@ class CLIPStudentCard:
     base_model: str | None = None
     #: the "Formats" section (:func:`mmkd.interop.formats.formats_section` of the folder)
     formats: str = ""
+    #: a chained student's stages, ``teacher -> assistant ... -> this model`` (empty for one stage)
+    chain: str = ""
     license: str | None = None
     limitations: list[str] = field(default_factory=list)
 
@@ -156,13 +158,16 @@ def clip_student_card_data(
     init = config.get("distillation_init")
     if not init:
         raise ValueError(f"{out / 'config.json'} has no 'distillation_init': not an mmkd student")
-    teacher = summary["teacher"]["name"]
+    teacher, teacher_parameters = summary["teacher"]["name"], summary["teacher"]["parameters"]["total"]
+    stages = summary.get("chain") or []
+    if stages:  # teacher assistants: the card names the chain's first teacher, not the last assistant
+        teacher, teacher_parameters = _chain_teacher(stages)
     rows, citations = card_losses(summary.get("losses", []))
     return CLIPStudentCard(
         model_name=out.name,
         repo_id=repo_id or str(out),
         teacher=teacher,
-        teacher_parameters=summary["teacher"]["parameters"]["total"],
+        teacher_parameters=teacher_parameters,
         teacher_vision_depth=init["teacher_vision_depth"],
         teacher_text_depth=init["teacher_text_depth"],
         vision_depth=config["vision_config"]["num_hidden_layers"],
@@ -186,7 +191,20 @@ def clip_student_card_data(
         base_model=None if init["strategy"] == "random" else _hub_id(teacher),
         limitations=list(limitations or []),
         formats=formats_section(out, repo_id or str(out)),
+        chain=" → ".join([f"`{teacher}`", *(f"assistant `{s['stage']}` ({s['parameters']:,} parameters)"
+                                            for s in stages[:-1]), "this model"]) if stages else "",
     )
+
+
+def _chain_teacher(stages: list[dict[str, Any]]) -> tuple[str, int]:
+    """(name, parameter count) of a chain's first teacher, as its stage recorded them: with the chain
+    (``teacher_name``, ``teacher_parameters``), or, for a summary written before they were, in the first stage's
+    own ``training_summary.json``."""
+    first = stages[0]
+    if first.get("teacher_name") is not None and first.get("teacher_parameters") is not None:
+        return first["teacher_name"], int(first["teacher_parameters"])
+    record = _record(Path(first["output_dir"]), "training_summary.json", "recipes/clip_student.py --chain")
+    return record["teacher"]["name"], int(record["teacher"]["parameters"]["total"])
 
 
 def _width_lines(init: dict[str, Any]) -> list[str]:
