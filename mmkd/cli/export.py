@@ -17,7 +17,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         f"{CONFIG_NAME}, <model-name>.json and {WEIGHTS_NAME}, loaded with "
         "open_clip.create_model_and_transforms('local-dir:OUTPUT_DIR'). --format onnx: image_encoder.onnx and "
         "text_encoder.onnx (dynamic batch and length; checked against the CLIPModel in onnxruntime before "
-        "anything is written) with the tokenizer and image processor; --int8 adds onnxruntime's dynamic int8 copies.",
+        "anything is written) with the tokenizer and image processor; --int8 adds onnxruntime's dynamic int8 copies "
+        "and measures them (the model card's int8 section). Written to STUDENT_DIR/onnx, the ONNX files are pushed "
+        "with the student by mmkd push.",
     )
     p.add_argument("--format", choices=["open_clip", "onnx", "sentence-transformers"], default="open_clip",
                    help="what to write (sentence-transformers: a folder SentenceTransformer(path) loads, encoding "
@@ -30,7 +32,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding --eval-dataset's files")
     p.add_argument("--max-examples", type=int, default=None, help="--eval-dataset: at most this many images")
     p.add_argument("student_dir", metavar="STUDENT_DIR", help="folder written by CLIPModel.save_pretrained")
-    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder to write the open_clip files to")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder to write the export to (it may be STUDENT_DIR "
+                   "itself for open_clip, STUDENT_DIR/onnx for onnx, so that mmkd push pushes them with the student)")
     p.add_argument(
         "--model-name",
         default=DEFAULT_MODEL_NAME,
