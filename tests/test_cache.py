@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -88,6 +89,32 @@ def test_interrupted_run_resumes_and_leaves_no_complete_looking_cache(tmp_path, 
     assert cached.num_rows == 12 and not work.exists()
     full = cache_teacher_embeddings(rows, open_clip_teacher, tmp_path / "fresh", batch_size=4, shard_size=4)
     torch.testing.assert_close(torch.tensor(cached[IMAGE_COLUMN]), torch.tensor(full[IMAGE_COLUMN]))
+
+
+def test_a_torn_or_foreign_work_folder_is_cleared_not_trusted(tmp_path, open_clip_teacher, shapes):
+    """What a kill can leave in the work folder besides finished shards: a key file cut mid-write, no key file, or
+    another run's key. Such shards are never reused (their images are unknown): every shard is computed again and
+    the cache equals an uninterrupted run's."""
+    rows = shapes.select(range(8))
+    reference = cache_teacher_embeddings(rows, open_clip_teacher, tmp_path / "reference", batch_size=4, shard_size=4)
+    for damage in ("torn", "missing", "foreign"):
+        root = tmp_path / damage
+        with CountingTeacher(open_clip_teacher, fail_on_batch=2), pytest.raises(KeyboardInterrupt):
+            cache_teacher_embeddings(rows, open_clip_teacher, root, batch_size=4, shard_size=4)
+        (work,) = root.iterdir()
+        (key_file,) = [p for p in work.iterdir() if p.is_file()]
+        assert (work / "shard-00000").is_dir() and json.loads(key_file.read_text())
+        if damage == "torn":
+            key_file.write_text(key_file.read_text()[:25])
+        elif damage == "missing":
+            key_file.unlink()
+        else:
+            key_file.write_text(json.dumps({"teacher": "another"}))
+        with CountingTeacher(open_clip_teacher) as counter:
+            cached = cache_teacher_embeddings(rows, open_clip_teacher, root, batch_size=4, shard_size=4)
+        assert counter.calls == 2, damage  # both shards: the interrupted run's first shard was not trusted
+        torch.testing.assert_close(torch.tensor(cached[IMAGE_COLUMN]), torch.tensor(reference[IMAGE_COLUMN]))
+        assert not work.exists() and [p.name for p in root.iterdir()] == [work.name.removesuffix(".work")]
 
 
 def test_bad_arguments(tmp_path, open_clip_teacher, shapes):

@@ -22,7 +22,9 @@ normalise). Embeddings of randomly augmented views would be wrong for every othe
 Work is done in shards of ``shard_size`` rows, each written to ``<cache>/work/`` under a temporary name and renamed
 when complete, so an interrupted run resumes at the first missing shard; the final dataset is assembled in a
 temporary directory and renamed into place, so a crash never leaves a half-written cache that looks complete.
-Under a multi-process launch the shards are split across processes.
+Under a multi-process launch the shards are split across processes; the main process alone decides whether an
+interrupted run's work folder can be reused (its key, written atomically before any shard, must read back equal;
+a torn or missing key clears the folder) while the others wait, so no process reads a key file another is writing.
 """
 
 from __future__ import annotations
@@ -171,6 +173,23 @@ def _embed_shard(shard, teacher: FrozenTeacher, inputs, image_column: str, text_
     return torch.cat(image_embeds).numpy(), torch.cat(text_embeds).numpy()
 
 
+def _prepare_work(work: Path, key: dict) -> None:
+    """Make ``work`` the shard folder of ``key``: an interrupted run's shards are kept only when its key (written
+    before any shard) reads back equal; a folder with another key, a torn or missing key file is cleared. The key
+    is written to a temporary file and renamed, so a kill never leaves a torn one."""
+    try:
+        reusable = json.loads((work / META_FILE).read_text()) == key
+    except (OSError, ValueError):
+        reusable = False
+    if not reusable and work.exists():
+        shutil.rmtree(work)  # shards over other images, or of a run killed before its key was complete
+    work.mkdir(parents=True, exist_ok=True)
+    if not reusable:
+        tmp = work / f"{META_FILE}.tmp"
+        tmp.write_text(json.dumps(key, indent=2))
+        os.replace(tmp, work / META_FILE)
+
+
 def cache_teacher_embeddings(
     dataset,
     teacher: FrozenTeacher,
@@ -206,10 +225,10 @@ def cache_teacher_embeddings(
     device = accelerator.device if accelerator else teacher.device
     if not final.is_dir():
         work = final.parent / f"{final.name}.work"
-        if (work / META_FILE).is_file() and json.loads((work / META_FILE).read_text()) != key:
-            shutil.rmtree(work)  # shards of an interrupted run over other images: not to be reused
-        work.mkdir(parents=True, exist_ok=True)
-        (work / META_FILE).write_text(json.dumps(key, indent=2))
+        if rank == 0:  # one process decides what an earlier run left; the others wait for it
+            _prepare_work(work, key)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
         n_shards = max(1, -(-len(dataset) // shard_size))
         inputs = teacher.inputs()  # built once: its signatures hash the whole vocabulary
         for i in range(rank, n_shards, world):
